@@ -1,0 +1,72 @@
+"""Weight initializers (He/Kaiming and Glorot/Xavier), drawn on the host with NumPy.
+
+Initial weights are drawn with a ``numpy.random.Generator`` so a model built with the
+same seed is identical on CPU and GPU and on every rank; the model is moved to the
+device afterwards. Fans follow PyTorch: for a weight of shape (out, in, *kernel),
+``fan_in = in * prod(kernel)`` and ``fan_out = out * prod(kernel)``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+
+Initializer = Callable[[np.random.Generator, tuple[int, ...], float], np.ndarray]
+
+
+def fans(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(fan_in, fan_out) of a Linear (out, in) or Conv (out, in, kh, kw) weight."""
+    if len(shape) < 2:
+        raise ValueError(f"fan computation needs a weight with at least 2 dims, got shape {shape}")
+    receptive = int(np.prod(shape[2:])) if len(shape) > 2 else 1
+    return shape[1] * receptive, shape[0] * receptive
+
+
+def kaiming_normal(rng: np.random.Generator, shape: tuple[int, ...], gain: float = math.sqrt(2.0)) -> np.ndarray:
+    """N(0, gain^2 / fan_in); the default gain suits ReLU."""
+    fan_in, _ = fans(shape)
+    return rng.normal(0.0, gain / math.sqrt(fan_in), size=shape)
+
+
+def kaiming_uniform(rng: np.random.Generator, shape: tuple[int, ...], gain: float = math.sqrt(2.0)) -> np.ndarray:
+    """U(-b, b) with b = gain * sqrt(3 / fan_in)."""
+    fan_in, _ = fans(shape)
+    bound = gain * math.sqrt(3.0 / fan_in)
+    return rng.uniform(-bound, bound, size=shape)
+
+
+def xavier_normal(rng: np.random.Generator, shape: tuple[int, ...], gain: float = 1.0) -> np.ndarray:
+    """N(0, gain^2 * 2 / (fan_in + fan_out))."""
+    fan_in, fan_out = fans(shape)
+    return rng.normal(0.0, gain * math.sqrt(2.0 / (fan_in + fan_out)), size=shape)
+
+
+def xavier_uniform(rng: np.random.Generator, shape: tuple[int, ...], gain: float = 1.0) -> np.ndarray:
+    """U(-b, b) with b = gain * sqrt(6 / (fan_in + fan_out))."""
+    fan_in, fan_out = fans(shape)
+    bound = gain * math.sqrt(6.0 / (fan_in + fan_out))
+    return rng.uniform(-bound, bound, size=shape)
+
+
+INITIALIZERS: dict[str, Initializer] = {
+    "kaiming_normal": kaiming_normal,
+    "kaiming_uniform": kaiming_uniform,
+    "xavier_normal": xavier_normal,
+    "xavier_uniform": xavier_uniform,
+}
+
+
+def initialize(name: str, rng: np.random.Generator, shape: tuple[int, ...], layer: str) -> np.ndarray:
+    """Draw a weight with the named initializer; unknown names list the valid ones."""
+    try:
+        fn = INITIALIZERS[name]
+    except KeyError:
+        raise ValueError(f"{layer}: unknown init {name!r}; choose one of {sorted(INITIALIZERS)}") from None
+    return fn(rng, shape)
+
+
+def bias_uniform(rng: np.random.Generator, fan_in: int, size: int) -> np.ndarray:
+    """PyTorch's default bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+    return rng.uniform(-bound, bound, size=(size,))

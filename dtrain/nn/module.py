@@ -1,0 +1,223 @@
+"""The layer interface every dtrain layer implements, and the Sequential container.
+
+A layer owns three dicts of arrays: ``params`` (trainable), ``grads`` (same keys and
+shapes as ``params``) and ``buffers`` (non-trainable state such as BatchNorm's running
+statistics). ``forward`` caches what ``backward`` needs; ``backward(grad_out)`` returns
+the gradient with respect to the input and *writes* (does not accumulate) the parameter
+gradients into ``grads`` in place. Arrays in these dicts are never rebound by layer code
+after construction, so they may be views into one flat buffer (see
+:mod:`dtrain.nn.flat`) and stay valid.
+
+Names follow PyTorch: a Sequential's children are called ``"0"``, ``"1"``, ... and
+``state_dict`` keys are ``"0.weight"``, ``"3.running_mean"`` and so on, the keys of the
+equivalent ``torch.nn.Sequential``.
+"""
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from dtrain.backend import DEFAULT_DTYPE, get_array_module, to_device, to_host
+
+Array = Any  # numpy.ndarray or cupy.ndarray
+Shape = tuple[int, ...]
+
+
+class Module:
+    """Base class of all layers and containers."""
+
+    def __init__(self) -> None:
+        self.params: dict[str, Array] = {}
+        self.grads: dict[str, Array] = {}
+        self.buffers: dict[str, Array] = {}
+        self.training: bool = True
+
+    # -- computation -----------------------------------------------------------------
+    def forward(self, x: Array) -> Array:
+        raise NotImplementedError
+
+    def backward(self, grad_out: Array) -> Array:
+        raise NotImplementedError
+
+    def __call__(self, x: Array) -> Array:
+        return self.forward(x)
+
+    def output_shape(self, input_shape: Shape) -> Shape:
+        """Per-sample output shape for a per-sample input shape (batch axis excluded).
+
+        Raises ``ValueError`` naming the layer when the input cannot be processed.
+        The default is shape-preserving (activations, dropout, normalization).
+        """
+        return tuple(input_shape)
+
+    def flops(self, input_shape: Shape) -> int:
+        """Multiply-adds x 2 of one sample's forward pass (0 for cheap elementwise layers)."""
+        return 0
+
+    # -- structure -------------------------------------------------------------------
+    def children(self) -> dict[str, "Module"]:
+        return {}
+
+    def named_modules(self, prefix: str = "") -> Iterator[tuple[str, "Module"]]:
+        yield prefix, self
+        for name, child in self.children().items():
+            yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
+
+    def named_parameters(self) -> Iterator[tuple[str, "Module", str]]:
+        """(full name, owning layer, key) for every parameter, in registration order."""
+        for mod_name, mod in self.named_modules():
+            for key in mod.params:
+                yield (f"{mod_name}.{key}" if mod_name else key), mod, key
+
+    def named_buffers(self) -> Iterator[tuple[str, "Module", str]]:
+        for mod_name, mod in self.named_modules():
+            for key in mod.buffers:
+                yield (f"{mod_name}.{key}" if mod_name else key), mod, key
+
+    def num_parameters(self) -> int:
+        return int(sum(mod.params[k].size for _, mod, k in self.named_parameters()))
+
+    # -- mode ------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> "Module":
+        for _, mod in self.named_modules():
+            mod.training = mode
+        return self
+
+    def eval(self) -> "Module":
+        return self.train(False)
+
+    def set_batch_context(self, step: int, sample_ids: Array | None) -> None:
+        """Tell stochastic layers which step and which global samples the next batch is.
+
+        Dropout draws its mask from (seed, step, sample id, feature), so masks do not
+        depend on how a global batch is split across ranks. Layers without randomness
+        ignore this.
+        """
+        for child in self.children().values():
+            child.set_batch_context(step, sample_ids)
+
+    # -- parameters ------------------------------------------------------------------
+    def register_param(self, name: str, value: Array) -> None:
+        self.params[name] = value
+        xp = get_array_module(value)
+        self.grads[name] = xp.zeros_like(value)
+
+    def zero_grad(self) -> None:
+        for _, mod, key in self.named_parameters():
+            mod.grads[key][...] = 0
+
+    def to(self, xp: ModuleType, dtype: Any = None) -> "Module":
+        """Move every parameter, gradient and buffer to ``xp`` (and cast to ``dtype``)."""
+        for _, mod in self.named_modules():
+            for d in (mod.params, mod.grads, mod.buffers):
+                for k in d:
+                    d[k] = to_device(d[k], xp, dtype if d[k].dtype.kind == "f" else None)
+        return self
+
+    @property
+    def dtype(self) -> Any:
+        for _, mod, key in self.named_parameters():
+            return mod.params[key].dtype
+        return np.dtype(DEFAULT_DTYPE)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Host copies of parameters and buffers, keyed like PyTorch's ``state_dict``."""
+        out: dict[str, np.ndarray] = {}
+        for name, mod, key in self.named_parameters():
+            out[name] = to_host(mod.params[key]).copy()
+        for name, mod, key in self.named_buffers():
+            out[name] = to_host(mod.buffers[key]).copy()
+        return out
+
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
+        """Copy arrays into the existing parameters and buffers (in place, keeping views)."""
+        targets = {n: (m.params, k) for n, m, k in self.named_parameters()}
+        targets.update({n: (m.buffers, k) for n, m, k in self.named_buffers()})
+        missing = sorted(set(targets) - set(state))
+        unexpected = sorted(set(state) - set(targets))
+        if strict and (missing or unexpected):
+            raise KeyError(
+                f"state_dict does not match the model: missing {missing}, unexpected {unexpected}"
+            )
+        for name, (store, key) in targets.items():
+            if name not in state:
+                continue
+            dst = store[key]
+            src = np.asarray(to_host(state[name]))
+            if tuple(src.shape) != tuple(dst.shape):
+                raise ValueError(
+                    f"state_dict entry {name!r} has shape {tuple(src.shape)}, "
+                    f"the model expects {tuple(dst.shape)}"
+                )
+            xp = get_array_module(dst)
+            dst[...] = xp.asarray(src, dtype=dst.dtype)
+
+    def extra_repr(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        kids = self.children()
+        if not kids:
+            return f"{type(self).__name__}({self.extra_repr()})"
+        body = "\n".join(f"  ({n}): " + repr(c).replace("\n", "\n  ") for n, c in kids.items())
+        return f"{type(self).__name__}(\n{body}\n)"
+
+
+BackwardHook = Callable[[int, Module], None]
+
+
+class Sequential(Module):
+    """Layers applied in order; children are named ``"0"``, ``"1"``, ... like PyTorch.
+
+    ``backward`` runs the layers in reverse and, after each one, calls every registered
+    hook with ``(index, layer)``: the data-parallel code uses this to start reducing a
+    gradient bucket as soon as the layers that fill it are done.
+    """
+
+    def __init__(self, *layers: Module) -> None:
+        super().__init__()
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Module):
+                raise TypeError(f"Sequential item {i} is {type(layer).__name__}, not a dtrain Module")
+        self.layers: list[Module] = list(layers)
+        self._backward_hooks: list[BackwardHook] = []
+
+    def children(self) -> dict[str, Module]:
+        return {str(i): layer for i, layer in enumerate(self.layers)}
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, i: int) -> Module:
+        return self.layers[i]
+
+    def register_backward_hook(self, hook: BackwardHook) -> None:
+        self._backward_hooks.append(hook)
+
+    def forward(self, x: Array) -> Array:
+        for layer in self.layers:
+            x = layer.forward(x)
+        return x
+
+    def backward(self, grad_out: Array) -> Array:
+        g = grad_out
+        for i in range(len(self.layers) - 1, -1, -1):
+            g = self.layers[i].backward(g)
+            for hook in self._backward_hooks:
+                hook(i, self.layers[i])
+        return g
+
+    def output_shape(self, input_shape: Shape) -> Shape:
+        shape = tuple(input_shape)
+        for layer in self.layers:
+            shape = layer.output_shape(shape)
+        return shape
+
+    def flops(self, input_shape: Shape) -> int:
+        total, shape = 0, tuple(input_shape)
+        for layer in self.layers:
+            total += layer.flops(shape)
+            shape = layer.output_shape(shape)
+        return total
