@@ -1,0 +1,29 @@
+"""The one GEMM entry point that Conv2d and Linear use for all their matrix products.
+
+By default it is a plain ``xp.matmul``. When row partitioning is configured
+(:func:`set_partitioner`, see :mod:`dtrain.parallel.row_partition`), every product is
+routed through the partitioner instead, which splits the rows of ``a`` across devices.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from dtrain.backend import get_array_module
+
+Partitioner = Callable[[Any, Any, Any], Any]  # (a, b, out) -> a @ b written into out
+
+_partitioner: Partitioner | None = None
+
+
+def set_partitioner(fn: Partitioner | None) -> None:
+    """Route every layer GEMM through ``fn(a, b, out)``; ``None`` restores plain matmul."""
+    global _partitioner
+    _partitioner = fn
+
+
+def matmul(a: Any, b: Any, out: Any = None) -> Any:
+    """``a @ b`` for 2-D ``a`` (M, K) and ``b`` (K, N), written into ``out`` (M, N) if given."""
+    if _partitioner is not None:
+        return _partitioner(a, b, out)
+    xp = get_array_module(a)
+    return xp.matmul(a, b, out=out)
