@@ -34,3 +34,12 @@ def check_dim(layer: Any, shape: tuple[int, ...], axis: int, expected: int, what
         raise ValueError(
             f"{layer!r} expects {expected} {what}, got input of shape {tuple(shape)}"
         )
+
+
+def check_dtype(layer: Any, x: Any, expected: Any) -> None:
+    """Raise ``TypeError`` unless ``x.dtype == expected`` (the layer's parameter dtype)."""
+    if x.dtype != expected:
+        raise TypeError(
+            f"{layer!r} got a {x.dtype} input but its parameters are {expected}; "
+            f"cast the input or convert the model with .to(xp, dtype)"
+        )

@@ -1,0 +1,84 @@
+"""Fully connected layer ``y = x @ weight.T + bias`` (PyTorch's ``nn.Linear``)."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from dtrain.backend import DEFAULT_DTYPE, get_array_module
+from dtrain.nn.checks import check_dim, check_dtype, check_rank
+from dtrain.nn.gemm import matmul
+from dtrain.nn.init import bias_uniform, initialize
+from dtrain.nn.module import Array, Module, Shape
+
+
+class Linear(Module):
+    """Affine map of (N, in_features) to (N, out_features).
+
+    ``weight`` has shape (out_features, in_features) and ``bias`` (out_features,), as in
+    PyTorch. All three matrix products (forward, input gradient, weight gradient) go
+    through :func:`dtrain.nn.gemm.matmul`; the weight gradient is written straight into
+    ``grads["weight"]``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        init: str = "kaiming_normal",
+        rng: np.random.Generator | None = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__()
+        for what, value in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Linear: {what} must be a positive int, got {value!r}")
+        self.in_features = in_features
+        self.out_features = out_features
+        rng = rng if rng is not None else np.random.default_rng()
+        dtype = np.dtype(dtype if dtype is not None else DEFAULT_DTYPE)
+        weight = initialize(init, rng, (out_features, in_features), layer=repr(self))
+        self.register_param("weight", weight.astype(dtype))
+        if bias:
+            self.register_param("bias", bias_uniform(rng, in_features, out_features).astype(dtype))
+        self._x: Array | None = None
+
+    def _check_input(self, x: Array) -> None:
+        check_rank(self, x, 2, "N, in_features")
+        check_dim(self, x.shape, 1, self.in_features, "input features")
+        check_dtype(self, x, self.params["weight"].dtype)
+
+    def forward(self, x: Array) -> Array:
+        """(N, in_features) -> (N, out_features)."""
+        self._check_input(x)
+        self._x = x
+        y = matmul(x, self.params["weight"].T)
+        if "bias" in self.params:
+            y += self.params["bias"]
+        return y
+
+    def backward(self, grad_out: Array) -> Array:
+        """(N, out_features) -> (N, in_features); writes grads of weight and bias in place."""
+        if self._x is None:
+            raise RuntimeError(f"{self!r}: backward called before forward")
+        matmul(grad_out.T, self._x, out=self.grads["weight"])
+        if "bias" in self.grads:
+            xp = get_array_module(grad_out)
+            xp.sum(grad_out, axis=0, out=self.grads["bias"])
+        return matmul(grad_out, self.params["weight"])
+
+    def output_shape(self, input_shape: Shape) -> Shape:
+        if tuple(input_shape) != (self.in_features,):
+            raise ValueError(
+                f"{self!r} expects per-sample input shape ({self.in_features},), got {tuple(input_shape)}; "
+                f"put a Flatten before it or fix in_features"
+            )
+        return (self.out_features,)
+
+    def flops(self, input_shape: Shape) -> int:
+        self.output_shape(input_shape)
+        return 2 * self.in_features * self.out_features
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={'bias' in self.params}"

@@ -1,0 +1,98 @@
+"""Linear: PyTorch parity, finite differences, the GEMM routing and in-place gradient contract, errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dtrain.nn import gemm
+from dtrain.nn.linear import Linear
+from layer_checks import assert_matches_torch, layer_gradcheck
+
+SHAPES = [(1, 3, 2), (7, 5, 4), (16, 33, 10)]  # (batch, in_features, out_features)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("n,fin,fout", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_torch(xp, rng, dtype, n, fin, fout, bias):
+    layer = Linear(fin, fout, bias=bias, rng=rng, dtype=dtype).to(xp)
+    x = rng.normal(size=(n, fin)).astype(dtype)
+    assert_matches_torch(layer, torch.nn.Linear(fin, fout, bias=bias), x, xp, rng)
+
+
+@pytest.mark.parametrize("n,fin,fout", SHAPES)
+def test_finite_differences(xp, rng, n, fin, fout):
+    layer = Linear(fin, fout, rng=rng, dtype=np.float64).to(xp)
+    layer_gradcheck(layer, xp.asarray(rng.normal(size=(n, fin))), rng)
+
+
+def test_all_gemms_go_through_gemm_matmul(rng):
+    calls = []
+
+    def recording(a, b, out):
+        calls.append((a.shape, b.shape))
+        return np.matmul(a, b, out=out)
+
+    layer = Linear(4, 3, rng=rng, dtype=np.float64)
+    x = rng.normal(size=(5, 4))
+    gemm.set_partitioner(recording)
+    try:
+        layer.forward(x)
+        layer.backward(np.ones((5, 3)))
+    finally:
+        gemm.set_partitioner(None)
+    assert calls == [((5, 4), (4, 3)), ((3, 5), (5, 4)), ((5, 3), (3, 4))]
+
+
+def test_backward_writes_grads_in_place(rng):
+    layer = Linear(4, 3, rng=rng, dtype=np.float64)
+    flat = np.zeros(15)
+    layer.grads["weight"] = flat[:12].reshape(3, 4)  # what a flat gradient buffer does
+    layer.grads["bias"] = flat[12:]
+    x, g = rng.normal(size=(6, 4)), rng.normal(size=(6, 3))
+    layer.forward(x)
+    layer.backward(g)
+    np.testing.assert_allclose(flat[:12].reshape(3, 4), g.T @ x, rtol=1e-12)
+    np.testing.assert_allclose(flat[12:], g.sum(axis=0), rtol=1e-12)
+
+
+def test_init_is_seeded_and_kaiming_scaled():
+    a = Linear(400, 300, rng=np.random.default_rng(7))
+    b = Linear(400, 300, rng=np.random.default_rng(7))
+    np.testing.assert_array_equal(a.params["weight"], b.params["weight"])
+    assert a.params["weight"].dtype == np.float32 and a.params["weight"].shape == (300, 400)
+    assert abs(a.params["weight"].std() / np.sqrt(2 / 400) - 1) < 0.02
+    assert np.abs(a.params["bias"]).max() <= 1 / np.sqrt(400)
+
+
+def test_shapes_and_flops():
+    layer = Linear(12, 5)
+    assert layer.output_shape((12,)) == (5,)
+    assert layer.flops((12,)) == 2 * 12 * 5
+    assert layer.num_parameters() == 12 * 5 + 5
+    with pytest.raises(ValueError, match=r"Linear.*\(12,\).*Flatten"):
+        layer.output_shape((3, 4))
+
+
+def test_input_errors_name_the_layer():
+    layer = Linear(4, 2, dtype=np.float64)
+    with pytest.raises(ValueError, match=r"Linear\(in_features=4.*2-D input \(N, in_features\).*\(4,\)"):
+        layer.forward(np.ones(4))
+    with pytest.raises(ValueError, match=r"Linear\(in_features=4.*expects 4 input features.*\(2, 5\)"):
+        layer.forward(np.ones((2, 5)))
+    with pytest.raises(TypeError, match=r"Linear.*float32 input.*float64.*\.to\(xp, dtype\)"):
+        layer.forward(np.ones((2, 4), dtype=np.float32))
+    with pytest.raises(RuntimeError, match="backward called before forward"):
+        Linear(4, 2).backward(np.ones((2, 2), dtype=np.float32))
+
+
+@pytest.mark.parametrize("args", [(0, 3), (3, -1), (2.5, 3), (True, 3)])
+def test_constructor_rejects_bad_sizes(args):
+    with pytest.raises(ValueError, match="Linear: (in|out)_features must be a positive int"):
+        Linear(*args)
+
+
+def test_unknown_init_lists_choices():
+    with pytest.raises(ValueError, match=r"unknown init 'orthogonal'; choose one of \['kaiming_normal'"):
+        Linear(3, 3, init="orthogonal")
