@@ -1,0 +1,78 @@
+"""Elementwise activations: ReLU, LeakyReLU, Tanh, Sigmoid (any input shape)."""
+from __future__ import annotations
+
+from dtrain.backend import get_array_module
+from dtrain.nn.module import Array, Module
+
+
+class _Elementwise(Module):
+    """Shared guard: backward needs the cache that forward leaves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._cache: Array | None = None
+
+    def _cached(self) -> Array:
+        if self._cache is None:
+            raise RuntimeError(f"{self!r}: backward called before forward")
+        return self._cache
+
+
+class ReLU(_Elementwise):
+    """``max(x, 0)``; the gradient at 0 is 0, as in PyTorch."""
+
+    def forward(self, x: Array) -> Array:
+        xp = get_array_module(x)
+        self._cache = x > 0
+        return xp.maximum(x, 0)
+
+    def backward(self, grad_out: Array) -> Array:
+        xp = get_array_module(grad_out)
+        return xp.where(self._cached(), grad_out, 0)
+
+
+class LeakyReLU(_Elementwise):
+    """``x`` for x > 0, ``negative_slope * x`` otherwise."""
+
+    def __init__(self, negative_slope: float = 0.01) -> None:
+        super().__init__()
+        self.negative_slope = float(negative_slope)
+
+    def forward(self, x: Array) -> Array:
+        xp = get_array_module(x)
+        self._cache = x > 0
+        return xp.where(self._cache, x, x * self.negative_slope)
+
+    def backward(self, grad_out: Array) -> Array:
+        xp = get_array_module(grad_out)
+        return xp.where(self._cached(), grad_out, grad_out * self.negative_slope)
+
+    def extra_repr(self) -> str:
+        return f"negative_slope={self.negative_slope}"
+
+
+class Tanh(_Elementwise):
+    """Hyperbolic tangent; backward reuses the output: ``1 - y**2``."""
+
+    def forward(self, x: Array) -> Array:
+        xp = get_array_module(x)
+        self._cache = xp.tanh(x)
+        return self._cache
+
+    def backward(self, grad_out: Array) -> Array:
+        y = self._cached()
+        return grad_out * (1 - y * y)
+
+
+class Sigmoid(_Elementwise):
+    """Logistic function; exponentiates only ``-|x|`` so it never overflows."""
+
+    def forward(self, x: Array) -> Array:
+        xp = get_array_module(x)
+        z = xp.exp(-xp.abs(x))
+        self._cache = xp.where(x >= 0, 1 / (1 + z), z / (1 + z))
+        return self._cache
+
+    def backward(self, grad_out: Array) -> Array:
+        y = self._cached()
+        return grad_out * y * (1 - y)
