@@ -1,0 +1,196 @@
+"""The optimizer interface: one vectorized update of a whole :class:`FlatParameters`.
+
+An optimizer owns state buffers shaped like the flat parameter buffer (momentum,
+moment estimates, ...) and a scratch buffer, all allocated once, so ``step()`` runs a
+fixed handful of in-place array operations over the full buffer with no per-layer loop
+and no per-step allocation. The update rules reproduce ``torch.optim`` exactly (same
+formulas, same operation order), so a dtrain run and a PyTorch run fed the same
+gradients follow the same trajectory.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from dtrain.backend import get_array_module, to_host
+from dtrain.nn.flat import FlatParameters
+from dtrain.nn.module import Array
+
+
+def check_number(owner: str, name: str, value: Any, low: float = 0.0, high: float = math.inf,
+                 low_open: bool = False, high_open: bool = False) -> float:
+    """``value`` as a float if it lies in the interval ``low..high`` (ends open as told), else ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{owner}: {name} must be a number, got {value!r}")
+    v = float(value)
+    too_low = v <= low if low_open else v < low
+    too_high = v >= high if high_open else v > high
+    if math.isnan(v) or too_low or too_high:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{owner}: {name} must lie in {interval}, got {value!r}")
+    return v
+
+
+def check_bool(owner: str, name: str, value: Any) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{owner}: {name} must be true or false, got {value!r}")
+    return bool(value)
+
+
+class Optimizer:
+    """Base class: holds the flat buffers, ``lr``, ``weight_decay`` and the state buffers.
+
+    Subclasses set their own hyperparameters, then call ``Optimizer.__init__``, and
+    implement :meth:`_validate`, :meth:`_state_names` and :meth:`_update`.
+
+    ``lr`` may be changed between steps (an :class:`~dtrain.optim.schedule.LRSchedule`
+    sets it before every step); other hyperparameters are fixed after construction
+    except through :meth:`load_state_dict`. ``step_count`` is the number of updates done.
+    """
+
+    hyperparameter_names: tuple[str, ...] = ("lr", "weight_decay")
+
+    def __init__(self, flat: FlatParameters, lr: float, weight_decay: float = 0.0) -> None:
+        if not isinstance(flat, FlatParameters):
+            raise TypeError(
+                f"{type(self).__name__} needs a FlatParameters (dtrain.nn.flat), got {type(flat).__name__}"
+            )
+        flat.check_views()
+        self.flat = flat
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self._validate()
+        self.step_count = 0
+        self.state: dict[str, Array] = {name: self._zeros() for name in self._state_names()}
+        self._tmp: Array = self._zeros()
+        self._decayed: Array | None = None
+
+    # -- subclass hooks -----------------------------------------------------------------
+    def _validate(self) -> None:
+        """Check (and normalize) every hyperparameter; raise ``ValueError`` naming a bad one."""
+        self.weight_decay = check_number(type(self).__name__, "weight_decay", self.weight_decay)
+
+    def _state_names(self) -> tuple[str, ...]:
+        """Names of the state buffers the current hyperparameters need."""
+        raise NotImplementedError
+
+    def _update(self, p: Array, g: Array, t: int) -> None:
+        """Update ``p`` in place from gradient ``g`` at step ``t`` (1 on the first step)."""
+        raise NotImplementedError
+
+    # -- public API -------------------------------------------------------------------
+    @property
+    def lr(self) -> float:
+        return self._lr
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self._lr = check_number(type(self).__name__, "lr", value)
+
+    def step(self) -> None:
+        """Apply one update to the whole flat parameter buffer from the flat gradient buffer."""
+        self.step_count += 1
+        self._update(self.flat.params, self.flat.grads, self.step_count)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.hyperparameter_names}
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"optimizer": class name, "step": int, "hyperparameters": {...}, "state": {name: host array}}``.
+
+        The state arrays are NumPy copies of the full flat-sized buffers (1-D, ``flat.size``).
+        """
+        return {
+            "optimizer": type(self).__name__,
+            "step": self.step_count,
+            "hyperparameters": dict(self.hyperparameters()),
+            "state": {name: to_host(buf).copy() for name, buf in self.state.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore step count, hyperparameters and state buffers (copied into the existing buffers).
+
+        Like ``torch.optim``, the saved hyperparameters replace the current ones. Raises
+        ``ValueError`` when the dict belongs to another optimizer, another configuration
+        (different state buffers) or another model (different flat size).
+        """
+        name = type(self).__name__
+        expected = {"optimizer", "step", "hyperparameters", "state"}
+        if not isinstance(state, dict) or set(state) != expected:
+            got = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"{name}.load_state_dict: expected a dict with keys {sorted(expected)}, got {got}")
+        if state["optimizer"] != name:
+            raise ValueError(f"{name}.load_state_dict: the state was saved by {state['optimizer']}, not {name}")
+        step = state["step"]
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+            raise ValueError(f"{name}.load_state_dict: step must be a non-negative int, got {step!r}")
+        hyper = state["hyperparameters"]
+        if set(hyper) != set(self.hyperparameter_names):
+            raise ValueError(
+                f"{name}.load_state_dict: hyperparameters {sorted(hyper)} do not match "
+                f"{sorted(self.hyperparameter_names)}"
+            )
+        arrays = self._checked_state_arrays(state["state"], hyper)
+        self._set_hyperparameters(hyper)
+        xp = get_array_module(self.flat.params)
+        for key, arr in arrays.items():
+            self.state[key][...] = xp.asarray(arr, dtype=self.flat.dtype)
+        self.step_count = int(step)
+
+    # -- helpers ----------------------------------------------------------------------
+    def _zeros(self) -> Array:
+        return get_array_module(self.flat.params).zeros_like(self.flat.params)
+
+    def _decayed_grad(self, p: Array, g: Array) -> Array:
+        """``g + weight_decay * p`` in a scratch buffer (``g`` itself when there is no weight decay)."""
+        if self.weight_decay == 0:
+            return g
+        if self._decayed is None:  # allocated once, the first time weight decay is in use
+            self._decayed = self._zeros()
+        xp = get_array_module(p)
+        xp.multiply(p, self.weight_decay, out=self._decayed)
+        self._decayed += g
+        return self._decayed
+
+    def _set_hyperparameters(self, hyper: dict[str, Any]) -> None:
+        """Set and validate ``hyper``; on a bad value keep the current ones and re-raise."""
+        old = self.hyperparameters()
+        try:
+            for key, value in hyper.items():
+                setattr(self, key, value)
+            self._validate()
+            if set(self._state_names()) != set(self.state):
+                raise ValueError(
+                    f"{type(self).__name__}.load_state_dict: hyperparameters {hyper} need state "
+                    f"buffers {sorted(self._state_names())}, the saved state has {sorted(self.state)}"
+                )
+        except ValueError:
+            for key, value in old.items():
+                setattr(self, key, value)
+            raise
+
+    def _checked_state_arrays(self, arrays: Any, hyper: dict[str, Any]) -> dict[str, np.ndarray]:
+        name = type(self).__name__
+        if not isinstance(arrays, dict) or set(arrays) != set(self.state):
+            got = sorted(arrays) if isinstance(arrays, dict) else type(arrays).__name__
+            raise ValueError(
+                f"{name}.load_state_dict: the saved state buffers are {got} but this optimizer has "
+                f"{sorted(self.state)}; build it with the saved hyperparameters {hyper}"
+            )
+        out = {}
+        for key, arr in arrays.items():
+            host = np.asarray(to_host(arr))
+            if host.shape != (self.flat.size,):
+                raise ValueError(
+                    f"{name}.load_state_dict: state buffer {key!r} has shape {host.shape}, the flat "
+                    f"parameter buffer has ({self.flat.size},); the state was saved for a different "
+                    f"model or FlatParameters align"
+                )
+            out[key] = host
+        return out
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
+        return f"{type(self).__name__}({args})"

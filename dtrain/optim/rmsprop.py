@@ -1,0 +1,72 @@
+"""RMSprop, optionally centered and with momentum."""
+from __future__ import annotations
+
+from dtrain.backend import get_array_module
+from dtrain.nn.flat import FlatParameters
+from dtrain.nn.module import Array
+from dtrain.optim.base import Optimizer, check_bool, check_number
+
+
+class RMSprop(Optimizer):
+    """``torch.optim.RMSprop`` on a flat buffer.
+
+    With ``d = g + weight_decay * p``: ``v = alpha * v + (1 - alpha) * d * d``; the
+    denominator is ``sqrt(v) + eps``, or, centered, ``sqrt(v - a * a) + eps`` with
+    ``a += (1 - alpha) * (d - a)``. Without momentum ``p -= lr * d / denom``; with it
+    ``buf = momentum * buf + d / denom`` and ``p -= lr * buf``.
+    """
+
+    hyperparameter_names = ("lr", "alpha", "eps", "weight_decay", "momentum", "centered")
+
+    def __init__(self, flat: FlatParameters, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
+                 weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False) -> None:
+        self.alpha = alpha
+        self.eps = eps
+        self.momentum = momentum
+        self.centered = centered
+        super().__init__(flat, lr, weight_decay)
+
+    def _validate(self) -> None:
+        super()._validate()
+        self.alpha = check_number("RMSprop", "alpha", self.alpha, 0.0, 1.0, high_open=True)
+        # eps > 0 keeps the update of zero-gradient entries (and the flat padding) at 0, not 0/0
+        self.eps = check_number("RMSprop", "eps", self.eps, 0.0, low_open=True)
+        self.momentum = check_number("RMSprop", "momentum", self.momentum, 0.0, 1.0, high_open=True)
+        self.centered = check_bool("RMSprop", "centered", self.centered)
+
+    def _state_names(self) -> tuple[str, ...]:
+        names = ("square_avg",)
+        if self.centered:
+            names += ("grad_avg",)
+        if self.momentum != 0:
+            names += ("momentum_buffer",)
+        return names
+
+    def _update(self, p: Array, g: Array, t: int) -> None:
+        xp = get_array_module(p)
+        v, tmp = self.state["square_avg"], self._tmp
+        d = self._decayed_grad(p, g)
+        v *= self.alpha
+        xp.multiply(d, d, out=tmp)
+        tmp *= 1.0 - self.alpha
+        v += tmp
+        if self.centered:
+            a = self.state["grad_avg"]
+            xp.subtract(d, a, out=tmp)
+            tmp *= 1.0 - self.alpha
+            a += tmp
+            xp.multiply(a, a, out=tmp)
+            xp.subtract(v, tmp, out=tmp)
+            xp.sqrt(tmp, out=tmp)
+        else:
+            xp.sqrt(v, out=tmp)
+        tmp += self.eps
+        xp.divide(d, tmp, out=tmp)
+        if self.momentum != 0:
+            buf = self.state["momentum_buffer"]
+            buf *= self.momentum
+            buf += tmp
+            xp.multiply(buf, self.lr, out=tmp)
+        else:
+            tmp *= self.lr
+        p -= tmp

@@ -1,0 +1,61 @@
+"""Stochastic gradient descent with momentum, dampening, Nesterov and L2 weight decay."""
+from __future__ import annotations
+
+from dtrain.backend import get_array_module
+from dtrain.nn.flat import FlatParameters
+from dtrain.nn.module import Array
+from dtrain.optim.base import Optimizer, check_bool, check_number
+
+
+class SGD(Optimizer):
+    """``torch.optim.SGD`` on a flat buffer.
+
+    With ``d = g + weight_decay * p``: on the first step the momentum buffer is ``d``,
+    afterwards ``buf = momentum * buf + (1 - dampening) * d``; the step direction is
+    ``d + momentum * buf`` (Nesterov) or ``buf``, and ``p -= lr * direction``. Without
+    momentum the direction is ``d``.
+    """
+
+    hyperparameter_names = ("lr", "momentum", "dampening", "nesterov", "weight_decay")
+
+    def __init__(self, flat: FlatParameters, lr: float, momentum: float = 0.0, dampening: float = 0.0,
+                 nesterov: bool = False, weight_decay: float = 0.0) -> None:
+        self.momentum = momentum
+        self.dampening = dampening
+        self.nesterov = nesterov
+        super().__init__(flat, lr, weight_decay)
+
+    def _validate(self) -> None:
+        super()._validate()
+        self.momentum = check_number("SGD", "momentum", self.momentum, 0.0, 1.0, high_open=True)
+        self.dampening = check_number("SGD", "dampening", self.dampening, 0.0, 1.0)
+        self.nesterov = check_bool("SGD", "nesterov", self.nesterov)
+        if self.nesterov and (self.momentum == 0 or self.dampening != 0):
+            raise ValueError(
+                f"SGD: nesterov=True needs momentum > 0 and dampening = 0, got momentum={self.momentum}, "
+                f"dampening={self.dampening}"
+            )
+
+    def _state_names(self) -> tuple[str, ...]:
+        return ("momentum_buffer",) if self.momentum != 0 else ()
+
+    def _update(self, p: Array, g: Array, t: int) -> None:
+        xp = get_array_module(p)
+        d = self._decayed_grad(p, g)
+        direction = d
+        if self.momentum != 0:
+            buf = self.state["momentum_buffer"]
+            if t == 1:
+                buf[...] = d
+            else:
+                buf *= self.momentum
+                xp.multiply(d, 1.0 - self.dampening, out=self._tmp)
+                buf += self._tmp
+            if self.nesterov:
+                xp.multiply(buf, self.momentum, out=self._tmp)
+                self._tmp += d
+                direction = self._tmp
+            else:
+                direction = buf
+        xp.multiply(direction, self.lr, out=self._tmp)
+        p -= self._tmp
