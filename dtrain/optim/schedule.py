@@ -21,15 +21,17 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
+
 from dtrain.optim.base import check_number
 
 SCHEDULE_KINDS = ("constant", "step", "cosine")
 
 
 def _check_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
         raise ValueError(f"LRSchedule: {name} must be an int >= {low}, got {value!r}")
-    return value
+    return int(value)
 
 
 class LRSchedule:
@@ -61,9 +63,7 @@ class LRSchedule:
 
     def lr_at(self, step: int) -> float:
         """The learning rate for the update after ``step`` completed updates (``step >= 0``)."""
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"LRSchedule.lr_at: step must be an int >= 0, got {step!r}")
-        step = min(step, self.total_steps)
+        step = min(_check_int("lr_at step", step, 0), self.total_steps)
         if step < self.warmup_steps:
             f0 = self.warmup_start_factor
             return self.base_lr * (f0 + (1.0 - f0) * step / self.warmup_steps)
