@@ -172,7 +172,7 @@ def _config_text(config: dict[str, Any] | str) -> tuple[str, str]:
 def _pack(obj: Any, path: str, arrays: dict[str, np.ndarray]) -> Any:
     """JSON-able copy of ``obj`` with arrays moved into ``arrays`` under ``path``-derived keys."""
     if isinstance(obj, np.ndarray) or is_gpu_array(obj):
-        host = np.ascontiguousarray(to_host(obj))
+        host = np.asarray(to_host(obj), order="C")  # keeps 0-d arrays 0-d, unlike ascontiguousarray
         if host.dtype.hasobject:
             raise TypeError(f"save_checkpoint: {path} is an object array, which cannot be saved without pickle")
         if path in arrays:

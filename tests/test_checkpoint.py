@@ -56,7 +56,8 @@ def test_round_trip_restores_model_optimizer_and_metadata(tmp_path):
     gen = np.random.default_rng(42)
     gen.normal(size=3)
     rng_state = {"numpy": gen.bit_generator.state, "mt": np.random.MT19937(5).state, "dropout_seed": 9}
-    extra = {"history": [{"epoch": 0, "loss": 0.5}], "shape": (1, 28, 28), "mask": np.arange(4)}
+    extra = {"history": [{"epoch": 0, "loss": 0.5}], "shape": (1, 28, 28), "mask": np.arange(4),
+             "count": np.array(7, dtype=np.int64), "best": np.float32(0.25)}
     path = save(tmp_path / "c.npz", model, opt, step=11, rng_state=rng_state, extra=extra,
                 config={"optim": {"lr": 0.1, "betas": [0.9, 0.999]}, "seed": 0})
 
@@ -72,6 +73,8 @@ def test_round_trip_restores_model_optimizer_and_metadata(tmp_path):
     assert ck.config == {"optim": {"lr": 0.1, "betas": [0.9, 0.999]}, "seed": 0}
     assert ck.extra["shape"] == (1, 28, 28) and ck.extra["history"] == [{"epoch": 0, "loss": 0.5}]
     np.testing.assert_array_equal(ck.extra["mask"], np.arange(4))
+    assert ck.extra["count"].shape == () and ck.extra["count"] == 7 and ck.extra["best"] == 0.25
+    assert ck.model_state["1.num_batches_tracked"].shape == () and ck.model_state["1.num_batches_tracked"] == 3
     assert ck.rng_state["dropout_seed"] == 9
     np.testing.assert_array_equal(ck.rng_state["mt"]["state"]["key"], np.random.MT19937(5).state["state"]["key"])
     restored_gen = np.random.default_rng()
