@@ -1,0 +1,126 @@
+"""Sequential: call order, backward hooks, PyTorch state_dict names and load round trip."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dtrain.backend import to_host
+from dtrain.nn.activation import ReLU
+from dtrain.nn.batchnorm import BatchNorm1d
+from dtrain.nn.dropout import Dropout
+from dtrain.nn.flat import FlatParameters
+from dtrain.nn.linear import Linear
+from dtrain.nn.module import Module, Sequential
+from layer_checks import rel_err
+
+
+class Recorder(Module):
+    """Adds ``offset`` and logs every call, to observe the container's call order."""
+
+    def __init__(self, name: str, log: list, offset: float) -> None:
+        super().__init__()
+        self.name, self.log, self.offset = name, log, offset
+
+    def forward(self, x):
+        self.log.append(("forward", self.name))
+        return x + self.offset
+
+    def backward(self, grad_out):
+        self.log.append(("backward", self.name))
+        return grad_out * 2
+
+
+def test_forward_and_backward_order_and_hooks():
+    log: list = []
+    layers = [Recorder(name, log, offset) for name, offset in (("a", 1.0), ("b", 10.0), ("c", 100.0))]
+    model = Sequential(*layers)
+    model.register_backward_hook(lambda i, layer: log.append(("hook", i, layer.name)))
+    assert model.forward(np.zeros(1)).tolist() == [111.0]
+    assert model.backward(np.ones(1)).tolist() == [8.0]
+    assert log == [
+        ("forward", "a"), ("forward", "b"), ("forward", "c"),
+        ("backward", "c"), ("hook", 2, "c"),
+        ("backward", "b"), ("hook", 1, "b"),
+        ("backward", "a"), ("hook", 0, "a"),
+    ]
+    assert model[1] is layers[1] and len(model) == 3
+
+
+def test_hook_sees_the_layer_gradients_already_written(rng):
+    model = Sequential(Linear(3, 4, rng=rng, dtype=np.float64), ReLU(), Linear(4, 2, rng=rng, dtype=np.float64))
+    seen = {}
+    model.register_backward_hook(lambda i, layer: seen.setdefault(i, {k: g.copy() for k, g in layer.grads.items()}))
+    model.forward(rng.normal(size=(5, 3)))
+    model.backward(rng.normal(size=(5, 2)))
+    assert sorted(seen) == [0, 1, 2] and seen[1] == {}
+    for i in (0, 2):
+        for key, grad in model[i].grads.items():
+            np.testing.assert_array_equal(seen[i][key], grad)
+            assert np.abs(grad).sum() > 0
+
+
+def make_pair(rng):
+    """The same network in dtrain and in torch (layers that have state, and some that have none)."""
+    ours = Sequential(
+        Linear(6, 5, rng=rng, dtype=np.float64), BatchNorm1d(5, dtype=np.float64), ReLU(),
+        Dropout(0.5, salt=3), Linear(5, 3, bias=False, rng=rng, dtype=np.float64),
+    )
+    theirs = torch.nn.Sequential(
+        torch.nn.Linear(6, 5), torch.nn.BatchNorm1d(5), torch.nn.ReLU(),
+        torch.nn.Dropout(0.5), torch.nn.Linear(5, 3, bias=False),
+    ).double()
+    return ours, theirs
+
+
+def test_state_dict_names_match_torch(rng):
+    ours, theirs = make_pair(rng)
+    ours_sd, theirs_sd = ours.state_dict(), theirs.state_dict()
+    assert sorted(ours_sd) == sorted(theirs_sd)
+    assert "0.weight" in ours_sd and "1.running_mean" in ours_sd and "1.num_batches_tracked" in ours_sd
+    for key, value in theirs_sd.items():
+        assert ours_sd[key].shape == tuple(value.shape), key
+        assert ours_sd[key].dtype == value.numpy().dtype, key
+    assert [name for name, _, _ in ours.named_parameters()] == [name for name, _ in theirs.named_parameters()]
+
+
+def test_loading_torch_weights_gives_torch_outputs(xp, rng):
+    ours, theirs = make_pair(rng)
+    theirs.train()
+    theirs(torch.randn(8, 6, dtype=torch.float64))  # move the running statistics off their defaults
+    ours.load_state_dict({k: v.numpy() for k, v in theirs.state_dict().items()})
+    ours.to(xp).eval()
+    theirs.eval()
+    x = rng.normal(size=(4, 6))
+    assert rel_err(ours.forward(xp.asarray(x)), theirs(torch.from_numpy(x))) < 1e-12
+
+
+def test_load_state_dict_round_trip_and_errors(rng):
+    source, _ = make_pair(rng)
+    source.forward(rng.normal(size=(4, 6)))  # running statistics and num_batches_tracked change
+    target, _ = make_pair(np.random.default_rng(99))
+    target.load_state_dict(source.state_dict())
+    for key, value in source.state_dict().items():
+        np.testing.assert_array_equal(target.state_dict()[key], value)
+    bad = source.state_dict()
+    bad["4.weight"] = np.zeros((3, 6))
+    with pytest.raises(ValueError, match=r"'4.weight' has shape \(3, 6\), the model expects \(3, 5\)"):
+        target.load_state_dict(bad)
+    del bad["1.running_var"]
+    with pytest.raises(KeyError, match=r"missing \['1.running_var'\]"):
+        target.load_state_dict(bad)
+
+
+def test_layers_write_into_flat_gradient_buffers(xp, rng):
+    model, _ = make_pair(rng)
+    model.to(xp)
+    flat = FlatParameters(model)
+    model.forward(xp.asarray(rng.normal(size=(4, 6))))
+    model.backward(xp.asarray(rng.normal(size=(4, 3))))
+    flat.check_views()
+    for entry in flat.entries:
+        np.testing.assert_array_equal(
+            to_host(flat.grads[entry.offset:entry.end]).reshape(entry.shape),
+            to_host(entry.module.grads[entry.key]),
+        )
+    assert float(abs(flat.grads).sum()) > 0
