@@ -277,3 +277,19 @@ def test_find_latest_run_checkpoint_picks_newest_across_runs_and_sweeps(tmp_path
         assert find_latest_run_checkpoint().resolve() == files["recent_run"].resolve()
     finally:
         os.chdir(cwd)
+
+
+def test_round_trip_from_and_to_device_arrays(tmp_path, xp):
+    model = make_model(seed=0).to(xp)
+    opt = SGD(FlatParameters(model), lr=0.1, momentum=0.9)
+    opt.state["momentum_buffer"][...] = 0.5
+    path = save(tmp_path / "c.npz", model, opt, extra={"on_device": xp.arange(3)})
+    ck = load_checkpoint(path)
+    assert all(isinstance(v, np.ndarray) for v in ck.model_state.values())  # host copies
+    np.testing.assert_array_equal(ck.extra["on_device"], np.arange(3))
+    model2 = make_model(seed=1).to(xp)
+    opt2 = SGD(FlatParameters(model2), lr=0.1, momentum=0.9)
+    ck.restore(model2, opt2)
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(model2.state_dict()[name], value, err_msg=name)
+    np.testing.assert_array_equal(opt2.state_dict()["state"]["momentum_buffer"], 0.5)
