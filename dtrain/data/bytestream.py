@@ -1,0 +1,59 @@
+"""Reading a file's bytes whether or not it is gzip-compressed, in bounded pieces.
+
+Readers ask for exactly the number of bytes a header declares; decompression stops there,
+so a header declaring a huge array never makes us inflate (or allocate) more than the data
+that is really present. Every gzip failure becomes a :class:`DataError` naming the file.
+"""
+from __future__ import annotations
+
+import zlib
+
+from dtrain.data.errors import DataError
+
+GZIP_MAGIC = b"\x1f\x8b"
+_GZIP_WBITS = 16 + zlib.MAX_WBITS  # zlib expects a gzip header and trailer (CRC, size)
+
+
+class ByteStream:
+    """Sequential reader over ``blob``; gzip members (by magic bytes) are inflated on demand."""
+
+    def __init__(self, blob: bytes, source: str) -> None:
+        self.source = source
+        self._gzip = blob[:2] == GZIP_MAGIC
+        self._pending = memoryview(blob)  # raw bytes, or compressed input not yet inflated
+        self._inflater = zlib.decompressobj(_GZIP_WBITS) if self._gzip else None
+
+    def read(self, n: int) -> bytes:
+        """Up to ``n`` bytes; fewer only at the end of the data."""
+        if not self._gzip:
+            out = bytes(self._pending[:n])
+            self._pending = self._pending[len(out):]
+            return out
+        out = bytearray()
+        while len(out) < n and self._inflater is not None:
+            out += self._inflate(n - len(out))
+        return bytes(out)
+
+    def read_all(self) -> bytes:
+        """Everything that is left."""
+        out = bytearray()
+        while True:
+            piece = self.read(1 << 24)
+            if not piece:
+                return bytes(out)
+            out += piece
+
+    def _inflate(self, limit: int) -> bytes:
+        """At most ``limit`` (> 0) inflated bytes; moves on to the next gzip member at a member's end."""
+        try:
+            piece = self._inflater.decompress(self._pending, limit)
+        except zlib.error as exc:
+            raise DataError(f"{self.source}: corrupt gzip data ({exc})") from None
+        self._pending = memoryview(self._inflater.unconsumed_tail)
+        if self._inflater.eof:
+            rest = self._inflater.unused_data
+            self._pending = memoryview(rest)
+            self._inflater = zlib.decompressobj(_GZIP_WBITS) if rest else None
+        elif not piece:  # input used up (or no progress) before the member's end
+            raise DataError(f"{self.source}: gzip data is truncated (the compressed stream ends early)")
+        return piece

@@ -1,0 +1,143 @@
+"""Data-parallel mini-batches: each rank's share of every global batch, normalized, on its device.
+
+Epoch ``e``'s global order is a permutation that depends only on ``(seed, e)``; global batch
+``b`` is ``order[b * G:(b + 1) * G]`` and rank ``r`` takes the ``r``-th contiguous slice of
+size ``G / world_size``. So every rank runs the same number of steps, and the ranks' slices of
+one step, concatenated in rank order, are exactly the batch a single process would see.
+With ``drop_last=False`` the final, partial global batch is split as evenly as possible
+(:func:`shard_bounds`): some ranks get one sample fewer, and a rank gets an empty batch when
+fewer samples than ranks remain, so a trainer must weight gradients by the global count.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from contextlib import closing
+from types import ModuleType
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from dtrain.backend import to_device
+from dtrain.data.augment import random_shift_rotate
+from dtrain.data.dataset import Dataset
+from dtrain.data.prefetch import prefetched
+from dtrain.data.sharding import check_rank, shard_bounds
+
+
+class Batch(NamedTuple):
+    """``x`` ``(B, C, H, W)`` normalized floats and ``y`` ``(B,)`` int64 (None for unlabeled
+    data), both arrays of the loader's ``xp``; ``sample_ids`` ``(B,)`` int64 NumPy indices into
+    the dataset."""
+
+    x: Any
+    y: Any
+    sample_ids: np.ndarray
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+    """The global sample order of an epoch: a permutation of ``range(n)`` that depends only on
+    ``(seed, epoch)``, or ``0..n-1`` without shuffling."""
+    if not shuffle:
+        return np.arange(n, dtype=np.int64)
+    return np.random.default_rng([seed, epoch]).permutation(n).astype(np.int64)
+
+
+class DataLoader:
+    """Iterates over rank ``rank``'s part of each global batch of ``global_batch`` samples.
+
+    ``x`` is ``(pixel / 255 - dataset.mean) / dataset.std`` (``uint8`` images; ``float32``
+    images are taken as already scaled to [0, 1]) in ``dtype``, moved to ``xp``. With
+    ``augment``, each image is first randomly shifted (<= 2 px) and rotated (<= 10 degrees),
+    the draw depending only on ``(seed, epoch, sample_id)``. Host-side preparation of the next
+    ``prefetch`` batches runs in a background thread; the transfer to the device happens in
+    the consuming thread, on the device and stream that thread is using.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        global_batch: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        augment: bool = False,
+        xp: ModuleType = np,
+        dtype: Any = np.float32,
+        prefetch: int = 2,
+    ) -> None:
+        check_rank(rank, world_size)
+        for what, value, low in (("global_batch", global_batch, 1), ("seed", seed, 0), ("prefetch", prefetch, 0)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise ValueError(f"DataLoader: {what} must be an int >= {low}, got {value!r}")
+        if global_batch % world_size:
+            raise ValueError(
+                f"DataLoader: global_batch={global_batch} is not divisible by world_size={world_size}; "
+                f"use a multiple of {world_size} so every rank gets the same local batch"
+            )
+        if np.dtype(dtype).kind != "f":
+            raise ValueError(f"DataLoader: dtype must be a floating type, got {np.dtype(dtype)}")
+        if drop_last and len(dataset) < global_batch:
+            raise ValueError(
+                f"DataLoader: dataset {dataset.name!r} has {len(dataset)} samples, fewer than one "
+                f"global batch ({global_batch}); lower the batch size or set drop_last=False"
+            )
+        self.dataset = dataset
+        self.global_batch = int(global_batch)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.seed, self.shuffle, self.drop_last = int(seed), shuffle, drop_last
+        self.augment, self.xp, self.dtype = augment, xp, np.dtype(dtype)
+        self.prefetch = int(prefetch)
+        self.epoch = 0
+
+    @property
+    def local_batch(self) -> int:
+        """Samples per rank in a full global batch."""
+        return self.global_batch // self.world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order (and augmentation) the next iteration uses."""
+        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
+            raise ValueError(f"DataLoader: epoch must be an int >= 0, got {epoch!r}")
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        """Batches per epoch, the same on every rank."""
+        full, rest = divmod(len(self.dataset), self.global_batch)
+        return full + int(rest > 0 and not self.drop_last)
+
+    def rank_batches(self, epoch: int) -> list[np.ndarray]:
+        """This rank's sample ids for each batch of ``epoch``."""
+        order = epoch_order(len(self.dataset), self.seed, epoch, self.shuffle)
+        batches = []
+        for b in range(len(self)):
+            chunk = order[b * self.global_batch:(b + 1) * self.global_batch]
+            start, stop = shard_bounds(len(chunk), self.rank, self.world_size)
+            batches.append(chunk[start:stop])
+        return batches
+
+    def __iter__(self) -> Iterator[Batch]:
+        epoch = self.epoch
+        prepare = functools.partial(self._prepare_on_host, epoch)
+        with closing(prefetched(prepare, self.rank_batches(epoch), self.prefetch)) as host_batches:
+            for x, y, ids in host_batches:
+                yield Batch(
+                    to_device(x, self.xp, self.dtype),
+                    None if y is None else to_device(y, self.xp, np.int64),
+                    ids,
+                )
+
+    def _prepare_on_host(self, epoch: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """Images of ``ids`` as normalized ``dtype`` NumPy arrays (augmented if asked), their labels, ``ids``."""
+        data = self.dataset
+        x = data.images[ids].astype(self.dtype)
+        if data.images.dtype == np.uint8:
+            x /= 255
+        if self.augment:
+            x = random_shift_rotate(x, self.seed, epoch, ids)
+        x -= data.mean
+        x /= data.std
+        y = None if data.labels is None else data.labels[ids]
+        return x, y, ids

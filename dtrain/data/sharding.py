@@ -1,0 +1,33 @@
+"""Splitting ``n`` items among ``world_size`` ranks: contiguous, as even as possible, each item once."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def check_rank(rank: int, world_size: int) -> None:
+    """``ValueError`` unless ``world_size >= 1`` and ``0 <= rank < world_size``."""
+    if isinstance(world_size, bool) or not isinstance(world_size, (int, np.integer)) or world_size < 1:
+        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
+
+
+def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """``(start, stop)`` of rank ``rank``'s share of ``range(n)``.
+
+    The first ``n % world_size`` ranks hold one item more than the others; ranks past the
+    end hold an empty share when ``n < world_size``.
+    """
+    check_rank(rank, world_size)
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+def shard_indices(n: int, rank: int, world_size: int) -> np.ndarray:
+    """The int64 indices of rank ``rank``'s contiguous share of ``range(n)`` (for sharded evaluation:
+    the ranks' shares, concatenated in rank order, are ``0..n-1`` exactly once)."""
+    start, stop = shard_bounds(n, rank, world_size)
+    return np.arange(start, stop, dtype=np.int64)
