@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 
+from dtrain.backend import get_array_module
 from dtrain.nn.module import Module, Sequential
 
 KEYS = {"weight": 0, "bias": 1}
@@ -35,7 +36,8 @@ class ToyLayer(Module):
 
     def backward(self, grad_out):
         for key, grad in self.grads.items():
-            grad[...] = local_grad(self.rank, self.step, self.index, key, grad.shape)
+            xp = get_array_module(grad)
+            grad[...] = xp.asarray(local_grad(self.rank, self.step, self.index, key, grad.shape))
         if self.jitter_s:
             time.sleep(self._sleep_rng.uniform(0, self.jitter_s))
         return grad_out
