@@ -1,0 +1,408 @@
+"""Model parallelism for GEMMs: split the rows of ``a`` in ``a @ b`` across devices.
+
+``a`` (M, K) is cut into contiguous row blocks, one per listed device; each block's
+product with the whole of ``b`` (K, N) runs on its own device at the same time as the
+others, and lands in its rows of one (M, N) result on the caller's device.
+
+On the CPU a "device" is a worker thread (``0``, ``1``, ... or ``"cpu:0"``, ...; at most
+one per core the process may use). NumPy releases the GIL inside BLAS, so the blocks
+really run in parallel, each with its own BLAS thread budget
+(``blas_threads_per_partition``, 1 by default). OpenBLAS built with pthreads (NumPy's
+wheels) has one process-wide thread count: ``openblas_set_num_threads_local`` exists
+in it but writes the same global (checked with ctypes on OpenBLAS 0.3.31), so there is
+no per-thread setting. The partitioner therefore sets the global count to the budget
+through threadpoolctl for the duration of each partitioned product and restores it
+afterwards; partitioned products are serialized by a lock so that they never fight
+over that global.
+
+On GPUs (CuPy) a device is a CUDA device (``0`` or ``"cuda:0"``); each partition gets
+its own non-blocking stream on its device (two partitions on one device get two
+streams). Blocks on the caller's device are multiplied straight into the result; a
+block on another device gets its rows of ``a`` and all of ``b`` by peer copies (peer
+access is switched on where ``deviceCanAccessPeer`` allows) and its product copied back
+the same way: no host round trips. The streams wait for the caller's stream before
+reading and the caller's stream waits for all of them, so the call is asynchronous like
+any other CuPy operation.
+
+Blocks start at multiples of ``row_align`` rows (the last block also takes the
+``M % row_align`` tail). BLAS kernels compute rows in fixed groups (OpenBLAS on Haswell:
+dgemm 4 rows, sgemm 24; on AVX-512: 16), and a row's rounding depends on which kernel
+variant handled its group, so aligned blocks give every row the same arithmetic as one
+unsplit GEMM with the same BLAS thread count. The default of 16 makes float64 results
+bitwise equal to the unsplit product; float32 needs 48 on Haswell for that.
+``row_align=1`` is the plain even split.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import lru_cache
+from types import ModuleType
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+from threadpoolctl import ThreadpoolController
+
+from dtrain.backend import get_array_module, gpu_available
+from dtrain.nn import gemm
+
+DEFAULT_ROW_ALIGN = 16
+
+# OpenBLAS's thread count is process-global: one partitioned CPU product at a time.
+_BLAS_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class PartitionDevice:
+    """One entry of a device list: ``kind`` is "cpu", "cuda", or None for a bare int,
+    which means whatever the operands live on (CPU threads for NumPy, GPUs for CuPy)."""
+
+    kind: str | None
+    index: int
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.index}" if self.kind else str(self.index)
+
+
+def parse_device(spec: Any) -> PartitionDevice:
+    """``0``, ``"cpu:0"``, ``"cuda:0"`` or ``"gpu:0"`` as a :class:`PartitionDevice`."""
+    if isinstance(spec, PartitionDevice):
+        return spec
+    if isinstance(spec, (int, np.integer)) and not isinstance(spec, (bool, np.bool_)):
+        if spec < 0:
+            raise ValueError(f"unknown device {spec!r}: device indices are >= 0")
+        return PartitionDevice(None, int(spec))
+    if isinstance(spec, str):
+        kind, sep, index = spec.strip().lower().partition(":")
+        if sep and kind in ("cpu", "cuda", "gpu") and index.isdigit():
+            return PartitionDevice("cuda" if kind == "gpu" else kind, int(index))
+    raise ValueError(
+        f"unknown device {spec!r}: use an index (0, 1, ...) or 'cpu:<i>' / 'cuda:<i>' (e.g. 'cpu:0')"
+    )
+
+
+def device_count(kind: str) -> int:
+    """How many devices of ``kind`` ("cpu": usable cores, "cuda": visible GPUs) exist."""
+    if kind == "cpu":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if not gpu_available():
+        return 0
+    import cupy
+
+    return cupy.cuda.runtime.getDeviceCount()
+
+
+def _check_exists(device: PartitionDevice, kind: str) -> None:
+    count = device_count(kind)
+    if device.index >= count:
+        what = "usable CPU cores" if kind == "cpu" else "visible CUDA devices"
+        valid = f"{kind}:0..{kind}:{count - 1}" if count else "none"
+        raise ValueError(f"unknown device {kind}:{device.index}: this machine has {count} {what} (valid: {valid})")
+
+
+def split_rows(m: int, parts: int, row_align: int = DEFAULT_ROW_ALIGN) -> list[int]:
+    """Row counts of ``parts`` contiguous blocks covering ``m`` rows, as even as possible
+    in whole units of ``row_align`` rows; the ``m % row_align`` tail joins the last
+    non-empty block. Blocks may be empty (fewer units than parts)."""
+    if parts < 1 or row_align < 1 or m < 0:
+        raise ValueError(f"split_rows needs m >= 0, parts >= 1, row_align >= 1; got {m}, {parts}, {row_align}")
+    units, tail = divmod(m, row_align)
+    if units == 0:
+        return [m] + [0] * (parts - 1)
+    per, extra = divmod(units, parts)
+    sizes = [(per + (p < extra)) * row_align for p in range(parts)]
+    last = min(units, parts) - 1
+    sizes[last] += tail
+    return sizes
+
+
+@lru_cache(maxsize=1)
+def _blas_controller() -> ThreadpoolController:
+    # Built after NumPy is imported (this module imports it), so it finds NumPy's BLAS.
+    return ThreadpoolController().select(user_api="blas")
+
+
+@contextmanager
+def blas_thread_budget(threads: int) -> Iterator[None]:
+    """Set the BLAS thread count of the whole process to ``threads`` inside the block."""
+    controller = _blas_controller()
+    with controller.limit(limits=threads):
+        counts = {lib.num_threads for lib in controller.lib_controllers}
+        if counts - {threads}:
+            # threadpoolctl lets one Python thread own OpenBLAS's global count; if another
+            # thread holds it, our limit is ignored and partitions oversubscribe the cores.
+            warnings.warn(
+                f"row partitioning could not set the BLAS thread count to {threads} (it stays {sorted(counts)}): "
+                "another thread holds a threadpoolctl limit; partition from that thread",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        yield
+
+
+def _check_operands(a: Any, b: Any, out: Any, xp: ModuleType) -> None:
+    if getattr(a, "ndim", None) != 2 or getattr(b, "ndim", None) != 2:
+        raise ValueError(
+            f"row-partitioned matmul needs 2-D a (M, K) and b (K, N); got a.shape={getattr(a, 'shape', None)}, "
+            f"b.shape={getattr(b, 'shape', None)}"
+        )
+    if a.shape[1] != b.shape[0]:
+        raise ValueError(
+            f"row-partitioned matmul: inner dimensions differ, a is {tuple(a.shape)} and b is {tuple(b.shape)} "
+            f"(a.shape[1] must equal b.shape[0])"
+        )
+    if get_array_module(b) is not xp or (out is not None and get_array_module(out) is not xp):
+        raise ValueError("row-partitioned matmul: a, b and out must all be NumPy arrays or all CuPy arrays")
+    if out is not None and tuple(out.shape) != (a.shape[0], b.shape[1]):
+        raise ValueError(
+            f"row-partitioned matmul: out has shape {tuple(out.shape)}, a {tuple(a.shape)} @ b {tuple(b.shape)} "
+            f"needs {(a.shape[0], b.shape[1])}"
+        )
+
+
+class RowPartitioner:
+    """Long-lived row partitioner over ``devices``: ``partitioner(a, b, out) -> out``.
+
+    Holds one worker thread per partition (CPU) or one stream per partition (GPU),
+    created on first use. Callable with the :data:`dtrain.nn.gemm.Partitioner`
+    signature, so it plugs into :func:`dtrain.nn.gemm.set_partitioner`. A device may be
+    listed more than once: each listing is a partition with its own thread/stream.
+    """
+
+    def __init__(
+        self,
+        devices: Sequence[int | str],
+        blas_threads_per_partition: int = 1,
+        row_align: int = DEFAULT_ROW_ALIGN,
+    ) -> None:
+        if isinstance(devices, (str, int)) or not len(devices):
+            raise ValueError(f"RowPartitioner needs a non-empty list of devices, e.g. [0, 1]; got {devices!r}")
+        self.devices = tuple(parse_device(d) for d in devices)
+        kinds = {d.kind for d in self.devices} - {None}
+        if len(kinds) > 1:
+            raise ValueError(f"devices {[str(d) for d in self.devices]} mix CPU and GPU; list one kind")
+        for device in self.devices:
+            if device.kind is not None:
+                _check_exists(device, device.kind)
+        for what, value in (("blas_threads_per_partition", blas_threads_per_partition), ("row_align", row_align)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"RowPartitioner: {what} must be a positive int, got {value!r}")
+        self.blas_threads_per_partition = blas_threads_per_partition
+        self.row_align = row_align
+        self._workers: list[ThreadPoolExecutor] | None = None
+        self._streams: list[Any] | None = None
+        self._peers_enabled: set[tuple[int, int]] = set()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return (
+            f"RowPartitioner(devices={[str(d) for d in self.devices]}, "
+            f"blas_threads_per_partition={self.blas_threads_per_partition}, row_align={self.row_align})"
+        )
+
+    def __call__(self, a: Any, b: Any, out: Any = None) -> Any:
+        """``a @ b`` for ``a`` (M, K) and ``b`` (K, N) with the rows of ``a`` split across
+        the devices; the (M, N) result is written into ``out`` if given and returned."""
+        if self._closed:
+            raise RuntimeError(f"{self!r} is closed")
+        xp = get_array_module(a)
+        _check_operands(a, b, out, xp)
+        kind = "cpu" if xp is np else "cuda"
+        self._check_kind(kind, xp)
+        sizes = split_rows(a.shape[0], len(self.devices), self.row_align)
+        starts = np.cumsum([0] + sizes)
+        spans = [(p, int(starts[p]), int(starts[p + 1])) for p in range(len(sizes)) if sizes[p]]
+        direct = out is not None and out.flags.c_contiguous and not (
+            xp.may_share_memory(out, a) or xp.may_share_memory(out, b)
+        )
+        if kind == "cpu":
+            result = out if direct else np.empty((a.shape[0], b.shape[1]), dtype=np.result_type(a.dtype, b.dtype))
+            self._run_on_threads(a, b, result, spans)
+        else:
+            result = self._run_on_gpus(xp, a, b, out if direct else None, spans)
+        if out is not None and result is not out:
+            out[...] = result
+            return out
+        return result
+
+    def close(self) -> None:
+        """Stop the worker threads and drop the streams; the partitioner is unusable after."""
+        self._closed = True
+        for worker in self._workers or ():
+            worker.shutdown(wait=True)
+        self._workers = self._streams = None
+
+    def __enter__(self) -> RowPartitioner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_kind(self, kind: str, xp: ModuleType) -> None:
+        named = {d.kind for d in self.devices} - {None}
+        if named and named != {kind}:
+            library = "NumPy" if kind == "cpu" else "CuPy"
+            raise ValueError(
+                f"devices {[str(d) for d in self.devices]} cannot multiply {library} arrays; "
+                f"list {kind}:<i> devices or move the operands with dtrain.backend.to_device"
+            )
+        for device in self.devices:
+            if device.kind is None:
+                _check_exists(device, kind)
+
+    # CPU: one single-thread executor per partition, so partition p always runs on the
+    # same thread; the caller only waits.
+    def _run_on_threads(self, a: np.ndarray, b: np.ndarray, result: np.ndarray, spans: list) -> None:
+        if self._workers is None:
+            self._workers = [
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"row-partition-{p}-cpu{d.index}")
+                for p, d in enumerate(self.devices)
+            ]
+        with _BLAS_LOCK, blas_thread_budget(self.blas_threads_per_partition):
+            futures = [
+                self._workers[p].submit(np.matmul, a[start:stop], b, out=result[start:stop])
+                for p, start, stop in spans
+            ]
+            wait(futures)  # every block finishes before anyone sees an error
+        for future in futures:
+            future.result()
+
+    # GPU: everything is queued from this thread; concurrency comes from the streams.
+    def _run_on_gpus(self, cp: ModuleType, a: Any, b: Any, out: Any, spans: list) -> Any:
+        home = a.device.id
+        with cp.cuda.Device(home):
+            if self._streams is None:
+                self._streams = []
+                for d in self.devices:
+                    with cp.cuda.Device(d.index):
+                        self._streams.append(cp.cuda.Stream(non_blocking=True))
+            result = out if out is not None else cp.empty((a.shape[0], b.shape[1]), cp.result_type(a.dtype, b.dtype))
+            caller = cp.cuda.get_current_stream()
+            if any(self.devices[p].index != home for p, _, _ in spans):
+                # Peer copies move raw bytes, so remote partitions need C-contiguous sources.
+                a, b = cp.ascontiguousarray(a), cp.ascontiguousarray(b)
+            inputs_ready = caller.record()
+            finished = []
+            for p, start, stop in spans:
+                device, stream = self.devices[p].index, self._streams[p]
+                with cp.cuda.Device(device), stream:
+                    stream.wait_event(inputs_ready)
+                    if device == home:
+                        cp.matmul(a[start:stop], b, out=result[start:stop])
+                    else:
+                        self._remote_block(cp, a[start:stop], b, result[start:stop], device, home, stream)
+                    finished.append(stream.record())
+            for event in finished:
+                caller.wait_event(event)
+        return result
+
+    def _remote_block(self, cp: ModuleType, a_rows: Any, b: Any, out_rows: Any, device: int, home: int, stream: Any) -> None:
+        """``out_rows = a_rows @ b`` computed on ``device`` from operands on ``home``.
+
+        Runs with ``device`` and ``stream`` current; the temporaries come from the memory
+        pool of this stream, so their reuse is ordered after this block's work."""
+        self._enable_peer_access(cp, device, home)
+        a_here = cp.empty(a_rows.shape, a_rows.dtype)
+        b_here = cp.empty(b.shape, b.dtype)
+        _peer_copy(cp, a_here, device, a_rows, home, stream)
+        _peer_copy(cp, b_here, device, b, home, stream)
+        product = cp.matmul(a_here, b_here).astype(out_rows.dtype, copy=False)
+        _peer_copy(cp, out_rows, home, product, device, stream)
+
+    def _enable_peer_access(self, cp: ModuleType, device: int, home: int) -> None:
+        runtime = cp.cuda.runtime
+        for src, dst in ((device, home), (home, device)):
+            if (src, dst) in self._peers_enabled or not runtime.deviceCanAccessPeer(src, dst):
+                continue
+            with cp.cuda.Device(src):
+                try:
+                    runtime.deviceEnablePeerAccess(dst)
+                except runtime.CUDARuntimeError as error:
+                    if error.status != runtime.errorPeerAccessAlreadyEnabled:
+                        raise
+            self._peers_enabled.add((src, dst))
+
+
+def _peer_copy(cp: ModuleType, dst: Any, dst_device: int, src: Any, src_device: int, stream: Any) -> None:
+    """Queue a copy of C-contiguous ``src`` into C-contiguous ``dst`` across devices."""
+    if src.nbytes:
+        cp.cuda.runtime.memcpyPeerAsync(dst.data.ptr, dst_device, src.data.ptr, src_device, src.nbytes, stream.ptr)
+
+
+@lru_cache(maxsize=8)
+def _cached_partitioner(devices: tuple, blas_threads_per_partition: int, row_align: int) -> RowPartitioner:
+    return RowPartitioner(devices, blas_threads_per_partition, row_align)
+
+
+def row_partition_matmul(
+    a: Any,
+    b: Any,
+    devices: Sequence[int | str],
+    out: Any = None,
+    blas_threads_per_partition: int = 1,
+    row_align: int = DEFAULT_ROW_ALIGN,
+) -> Any:
+    """``a`` (M, K) @ ``b`` (K, N) -> (M, N) with the rows of ``a`` split over ``devices``.
+
+    Written into ``out`` when given. Reuses one :class:`RowPartitioner` (threads or
+    streams) per distinct device list; see that class and the module docstring.
+    """
+    if isinstance(devices, (str, int)) or not len(devices):
+        raise ValueError(f"row_partition_matmul needs a non-empty list of devices, e.g. [0, 1]; got {devices!r}")
+    key = tuple(parse_device(d) for d in devices)
+    return _cached_partitioner(key, blas_threads_per_partition, row_align)(a, b, out)
+
+
+_active: RowPartitioner | None = None
+
+
+def _install(partitioner: RowPartitioner | None) -> RowPartitioner | None:
+    """Route layer GEMMs through ``partitioner`` (None: plain GEMM); returns the previous one."""
+    global _active
+    previous, _active = _active, partitioner
+    gemm.set_partitioner(partitioner)
+    return previous
+
+
+class RowPartitionScope:
+    """What :func:`enable_row_partition` returns: ``with`` it to restore the previous state."""
+
+    def __init__(self, partitioner: RowPartitioner | None, previous: RowPartitioner | None) -> None:
+        self.partitioner = partitioner
+        self._previous = previous
+
+    def __enter__(self) -> RowPartitioner | None:
+        return self.partitioner
+
+    def __exit__(self, *exc: object) -> None:
+        _install(self._previous)
+        if self.partitioner is not None:
+            self.partitioner.close()
+
+
+def enable_row_partition(
+    devices: Sequence[int | str],
+    blas_threads_per_partition: int = 1,
+    row_align: int = DEFAULT_ROW_ALIGN,
+) -> RowPartitionScope:
+    """Split the rows of every Conv2d/Linear GEMM across ``devices`` from now on.
+
+    With a single device nothing is installed (plain GEMM, no overhead). Use as a plain
+    call (undo with :func:`disable_row_partition`) or as ``with enable_row_partition(...)``.
+    """
+    partitioner = RowPartitioner(devices, blas_threads_per_partition, row_align)
+    if len(partitioner.devices) == 1:
+        partitioner.close()
+        partitioner = None
+    return RowPartitionScope(partitioner, _install(partitioner))
+
+
+def disable_row_partition() -> None:
+    """Back to plain GEMMs; stops the installed partitioner's threads."""
+    previous = _install(None)
+    if previous is not None:
+        previous.close()
