@@ -77,10 +77,10 @@ def shift_rotate(x: np.ndarray, degrees: np.ndarray, shift_y: np.ndarray, shift_
     y0, x0 = np.floor(src_y), np.floor(src_x)
     fy, fx = (src_y - y0).astype(x.dtype), (src_x - x0).astype(x.dtype)
     row = width + 3
-    index = ((y0.astype(np.int64) + 1) * row + (x0.astype(np.int64) + 1)).reshape(batch, 1, -1)
+    index = ((y0.astype(np.int64) + 1) * row + (x0.astype(np.int64) + 1)).reshape(batch, 1, height * width)
     padded = np.zeros((batch, channels, height + 3, row), dtype=x.dtype)
     padded[:, :, 1:height + 1, 1:width + 1] = x
-    flat = padded.reshape(batch, channels, -1)
+    flat = padded.reshape(batch, channels, (height + 3) * row)
 
     def tap(offset: int) -> np.ndarray:
         return np.take_along_axis(flat, index + offset, axis=2).reshape(x.shape)

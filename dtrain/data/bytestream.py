@@ -12,6 +12,10 @@ from dtrain.data.errors import DataError
 
 GZIP_MAGIC = b"\x1f\x8b"
 _GZIP_WBITS = 16 + zlib.MAX_WBITS  # zlib expects a gzip header and trailer (CRC, size)
+# deflate expands at most ~1032x (a 258-byte match per 2 bits); the slack covers zlib's
+# window of output produced but not yet handed out
+_MAX_INFLATE_RATIO = 1032
+_INFLATE_SLACK = 1 << 16
 
 
 class ByteStream:
@@ -22,6 +26,14 @@ class ByteStream:
         self._gzip = blob[:2] == GZIP_MAGIC
         self._pending = memoryview(blob)  # raw bytes, or compressed input not yet inflated
         self._inflater = zlib.decompressobj(_GZIP_WBITS) if self._gzip else None
+
+    def max_remaining(self) -> int:
+        """An upper bound on the bytes :meth:`read` can still return (exact for raw data)."""
+        if not self._gzip:
+            return len(self._pending)
+        if self._inflater is None:
+            return 0
+        return len(self._pending) * _MAX_INFLATE_RATIO + _INFLATE_SLACK
 
     def read(self, n: int) -> bytes:
         """Up to ``n`` bytes; fewer only at the end of the data."""

@@ -48,6 +48,11 @@ def parse_idx(blob: bytes, source: str) -> np.ndarray:
         raise DataError(f"{source}: truncated IDX header: {ndim} dimension sizes declared, file ends first")
     shape = tuple(int(d) for d in np.frombuffer(dims_bytes, dtype=">u4"))
     expected = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if expected > stream.max_remaining():
+        raise DataError(
+            f"{source}: truncated IDX data: header declares shape {shape} of {dtype.name} "
+            f"({expected} bytes) but the file can hold at most {stream.max_remaining()} bytes"
+        )
     payload = stream.read(expected)
     if len(payload) < expected:
         raise DataError(
