@@ -131,10 +131,10 @@ def test_unlabeled_data_gives_y_none():
 
 def test_same_sample_gets_the_same_augmentation_wherever_it_lands():
     data = _dataset(30)
-    shuffled = {int(i): x for b in DataLoader(data, 6, seed=9, augment=True) for i, x in zip(b.sample_ids, b.x)}
+    shuffled = {int(i): x for b in DataLoader(data, 6, seed=9, augment=True) for i, x in zip(b.sample_ids, b.x, strict=True)}
     in_order = {int(i): x for b in DataLoader(data, 5, seed=9, augment=True, shuffle=False)
-                for i, x in zip(b.sample_ids, b.x)}
-    plain = {int(i): x for b in DataLoader(data, 5, seed=9, shuffle=False) for i, x in zip(b.sample_ids, b.x)}
+                for i, x in zip(b.sample_ids, b.x, strict=True)}
+    plain = {int(i): x for b in DataLoader(data, 5, seed=9, shuffle=False) for i, x in zip(b.sample_ids, b.x, strict=True)}
     assert all(np.array_equal(shuffled[i], in_order[i]) for i in shuffled)
     assert sum(not np.array_equal(in_order[i], plain[i]) for i in in_order) >= 28
 
@@ -231,7 +231,7 @@ def test_worker_exception_reaches_the_consumer_and_the_thread_ends():
 
 
 def test_abandoned_iteration_stops_the_thread():
-    for batch in DataLoader(_dataset(50), 5, prefetch=2):
+    for _ in DataLoader(_dataset(50), 5, prefetch=2):
         assert _prefetch_threads()
         break
     assert _prefetch_threads() == []

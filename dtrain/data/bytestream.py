@@ -1,8 +1,9 @@
 """Reading a file's bytes whether or not it is gzip-compressed, in bounded pieces.
 
-Readers ask for exactly the number of bytes a header declares; decompression stops there,
-so a header declaring a huge array never makes us inflate (or allocate) more than the data
-that is really present. Every gzip failure becomes a :class:`DataError` naming the file.
+Readers ask for exactly the number of bytes a header declares, and decompression stops
+there; :meth:`ByteStream.max_remaining` bounds what the data can still yield, so a header
+declaring a huge array is rejected before anything is inflated or allocated for it. Every
+gzip failure becomes a :class:`DataError` naming the file.
 """
 from __future__ import annotations
 

@@ -100,7 +100,7 @@ def _check_header(line: str, source: str, expected: Sequence[str]) -> None:
     if len(got) != len(expected):
         problem = f"got {len(got)} columns"
     else:
-        index = next(i for i, (g, e) in enumerate(zip(got, expected)) if g != e)
+        index = next(i for i, (g, e) in enumerate(zip(got, expected, strict=True)) if g != e)
         problem = f"column {index + 1} is {got[index][:40]!r}, expected {expected[index]!r}"
     raise DataError(f"{source}: line 1 should be the header {summary}; {problem}")
 
