@@ -1,0 +1,163 @@
+"""Forward+backward time of each AlexNet-for-MNIST layer, dtrain against PyTorch, in one run.
+
+    python scripts/bench_layers.py --batch 128 --threads 2 --reps 7
+
+Both frameworks get the same shapes, dtype (float32) and thread count. For every layer
+the timed repetitions alternate between dtrain and PyTorch (the order flips each
+repetition) so that load from other processes hits both alike; the table shows medians
+and the ratio dtrain / PyTorch (lower is better for dtrain). Both sides compute the
+input gradient, also for the first layer. The fully connected layers are included when
+``dtrain.nn.linear`` is available.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2, help="BLAS threads for dtrain = torch.set_num_threads")
+    ap.add_argument("--reps", type=int, default=7, help="timed repetitions per framework and layer")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed repetitions first (workspaces, caches)")
+    ap.add_argument("--layers", default="", help="comma-separated subset, e.g. conv2,pool1")
+    return ap.parse_args()
+
+
+ARGS = parse_args()
+# BLAS and OpenMP read these when they load, so they must be set before numpy is imported.
+for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[var] = str(ARGS.threads)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from dtrain.nn.conv import Conv2d  # noqa: E402
+from dtrain.nn.pool import MaxPool2d  # noqa: E402
+
+# (name, per-sample input shape, dtrain layer factory, torch layer factory)
+Case = tuple[str, tuple[int, ...], Callable[[], Any], Callable[[], torch.nn.Module]]
+
+
+def conv(name: str, shape: tuple[int, ...], out_channels: int, kernel: int, padding: int) -> Case:
+    in_channels = shape[0]
+    return (name, shape,
+            lambda: Conv2d(in_channels, out_channels, kernel, padding=padding, rng=np.random.default_rng(0)),
+            lambda: torch.nn.Conv2d(in_channels, out_channels, kernel, padding=padding))
+
+
+def maxpool(name: str, shape: tuple[int, ...]) -> Case:
+    return (name, shape, lambda: MaxPool2d(3, 2), lambda: torch.nn.MaxPool2d(3, 2))
+
+
+def linear_cases() -> list[Case]:
+    """fc6-fc8, or nothing when dtrain has no Linear layer yet."""
+    try:
+        from dtrain.nn.linear import Linear
+    except ImportError:
+        return []
+
+    def fc(name: str, n_in: int, n_out: int) -> Case:
+        return (name, (n_in,), lambda: Linear(n_in, n_out, rng=np.random.default_rng(0)),
+                lambda: torch.nn.Linear(n_in, n_out))
+
+    return [fc("fc6", 1024, 4096), fc("fc7", 4096, 4096), fc("fc8", 4096, 10)]
+
+
+def alexnet_cases() -> list[Case]:
+    return [
+        conv("conv1", (1, 28, 28), 96, 5, 2),
+        maxpool("pool1", (96, 28, 28)),
+        conv("conv2", (96, 13, 13), 256, 5, 2),
+        maxpool("pool2", (256, 13, 13)),
+        conv("conv3", (256, 6, 6), 384, 3, 1),
+        conv("conv4", (384, 6, 6), 384, 3, 1),
+        conv("conv5", (384, 6, 6), 256, 3, 1),
+        maxpool("pool5", (256, 6, 6)),
+        *linear_cases(),
+    ]
+
+
+def dtrain_step(layer: Any, x: np.ndarray, grad: np.ndarray) -> Callable[[], None]:
+    def step() -> None:
+        layer.forward(x)
+        layer.backward(grad)
+
+    return step
+
+
+def torch_step(layer: torch.nn.Module, x: np.ndarray, grad: np.ndarray) -> Callable[[], None]:
+    xt = torch.from_numpy(x).requires_grad_(True)
+    gt = torch.from_numpy(grad)
+
+    def step() -> None:
+        xt.grad = None
+        layer.zero_grad(set_to_none=True)
+        layer(xt).backward(gt)
+
+    return step
+
+
+def seconds(step: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    step()
+    return time.perf_counter() - start
+
+
+def bench(case: Case, batch: int, reps: int, warmup: int) -> tuple[tuple[int, ...], float, float]:
+    """(output shape, median dtrain seconds, median torch seconds) of forward+backward."""
+    name, shape, make_dtrain, make_torch = case
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, *shape), dtype=np.float32)
+    layer = make_dtrain()
+    out_shape = (batch, *layer.output_shape(shape))
+    grad = rng.standard_normal(out_shape, dtype=np.float32)
+    steps = {"dtrain": dtrain_step(layer, x, grad), "torch": torch_step(make_torch(), x, grad)}
+    times: dict[str, list[float]] = {"dtrain": [], "torch": []}
+    for rep in range(warmup + reps):
+        order = ("dtrain", "torch") if rep % 2 == 0 else ("torch", "dtrain")
+        for framework in order:
+            t = seconds(steps[framework])
+            if rep >= warmup:
+                times[framework].append(t)
+    return out_shape, statistics.median(times["dtrain"]), statistics.median(times["torch"])
+
+
+def limit_blas_threads(threads: int) -> None:
+    """Cap numpy's BLAS pool with threadpoolctl when it is installed (env vars already ask for it)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return
+    threadpool_limits(threads, user_api="blas")
+
+
+def main() -> None:
+    torch.set_num_threads(ARGS.threads)
+    limit_blas_threads(ARGS.threads)
+    cases = alexnet_cases()
+    if ARGS.layers:
+        wanted = set(ARGS.layers.split(","))
+        cases = [c for c in cases if c[0] in wanted]
+    print(f"batch {ARGS.batch}, {ARGS.threads} threads, float32, forward+backward, median of {ARGS.reps}; "
+          f"torch {torch.__version__}, numpy {np.__version__}")
+    print(f"{'layer':<7}{'output':>22}{'dtrain ms':>11}{'torch ms':>10}{'ratio':>7}")
+    totals = [0.0, 0.0]
+    for case in cases:
+        out_shape, d, t = bench(case, ARGS.batch, ARGS.reps, ARGS.warmup)
+        totals[0] += d
+        totals[1] += t
+        print(f"{case[0]:<7}{str(out_shape):>22}{d * 1e3:>11.1f}{t * 1e3:>10.1f}{d / t:>7.2f}", flush=True)
+    print(f"{'total':<7}{'':>22}{totals[0] * 1e3:>11.1f}{totals[1] * 1e3:>10.1f}{totals[0] / totals[1]:>7.2f}")
+
+
+if __name__ == "__main__":
+    main()

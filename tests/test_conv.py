@@ -1,0 +1,198 @@
+"""Conv2d: PyTorch parity, finite differences, im2col/col2im adjointness, workspace reuse, errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dtrain.backend import to_host
+from dtrain.nn import gemm
+from dtrain.nn.conv import Conv2d
+from dtrain.nn.im2col import col2im, im2col
+from dtrain.nn.workspace import Workspace
+from layer_checks import assert_matches_torch, layer_gradcheck
+
+# (batch, in_channels, out_channels, H, W, kernel, stride, padding, bias)
+CASES = [
+    (1, 1, 1, 5, 5, 3, 1, 0, True),  # batch 1, single channel
+    (2, 3, 4, 7, 9, (3, 2), (2, 3), (1, 2), True),  # rectangular kernel, stride and padding
+    (3, 2, 5, 8, 8, 3, 1, 1, False),  # same padding, no bias
+    (2, 4, 3, 6, 5, 1, 1, 0, True),  # 1x1 kernel
+    (2, 3, 2, 10, 11, 4, 3, 2, True),  # (H + 2P - K) not divisible by the stride
+    (1, 2, 3, 9, 7, (2, 5), (3, 2), (0, 1), False),  # rectangular everything, batch 1
+    (4, 5, 6, 5, 5, 5, 2, 2, True),  # kernel as large as the input
+]
+CASE_IDS = [f"n{c[0]}c{c[1]}f{c[2]}_{c[3]}x{c[4]}_k{c[5]}s{c[6]}p{c[7]}{'' if c[8] else '_nobias'}" for c in CASES]
+
+
+def make_pair(case, rng, dtype):
+    n, c, f, h, w, k, s, p, bias = case
+    return Conv2d(c, f, k, stride=s, padding=p, bias=bias, rng=rng, dtype=dtype), rng.normal(size=(n, c, h, w))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_matches_torch(xp, rng, dtype, case):
+    layer, x = make_pair(case, rng, dtype)
+    _, c, f, _, _, k, s, p, bias = case
+    assert_matches_torch(layer.to(xp), torch.nn.Conv2d(c, f, k, stride=s, padding=p, bias=bias),
+                         x.astype(dtype), xp, rng)
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[4]], ids=[CASE_IDS[1], CASE_IDS[2], CASE_IDS[4]])
+def test_finite_differences(xp, rng, case):
+    layer, x = make_pair(case, rng, np.float64)
+    layer_gradcheck(layer.to(xp), xp.asarray(x), rng)
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [((3, 2), (2, 1), (1, 0)), ((1, 1), (2, 2), (0, 0)), ((3, 3), (1, 1), (2, 2))])
+def test_col2im_is_the_adjoint_of_im2col(xp, rng, kernel, stride, padding):
+    # <im2col(x), c> == <x, col2im(c)> for all x, c: the defining property of the pair.
+    x = xp.asarray(rng.normal(size=(2, 3, 6, 5)))
+    oh = (6 + 2 * padding[0] - kernel[0]) // stride[0] + 1
+    ow = (5 + 2 * padding[1] - kernel[1]) // stride[1] + 1
+    cols = im2col(x, kernel, stride, padding, (oh, ow), Workspace())
+    c = xp.asarray(rng.normal(size=cols.shape))
+    back = col2im(c, x.shape, kernel, stride, padding, (oh, ow), Workspace())
+    np.testing.assert_allclose(float((cols * c).sum()), float((x * back).sum()), rtol=1e-12)
+
+
+def test_im2col_layout(rng):
+    x = rng.normal(size=(2, 3, 4, 5))
+    cols = im2col(x, (2, 3), (1, 2), (1, 0), (5, 2), Workspace())
+    padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (0, 0)))
+    blocks = cols.reshape(3, 2, 3, 5, 2, 2)  # (c, i, j, oh, ow, n)
+    for c, i, j, oh, ow, n in [(0, 0, 0, 0, 0, 0), (2, 1, 2, 4, 1, 1), (1, 0, 1, 2, 1, 0)]:
+        assert blocks[c, i, j, oh, ow, n] == padded[n, c, oh + i, 2 * ow + j]
+
+
+def test_workspaces_are_reused_but_results_are_fresh(rng):
+    layer = Conv2d(2, 3, 3, padding=1, rng=rng, dtype=np.float64)
+    x1, x2 = rng.normal(size=(1, 2, 4, 4)), rng.normal(size=(1, 2, 4, 4))
+    g1, g2 = rng.normal(size=(1, 3, 4, 4)), rng.normal(size=(1, 3, 4, 4))
+    y1 = layer.forward(x1)
+    dx1 = layer.backward(g1)
+    wg1 = layer.grads["weight"].copy()
+    y1_kept, dx1_kept = y1.copy(), dx1.copy()
+    y2 = layer.forward(x2)
+    dx2 = layer.backward(g2)
+    np.testing.assert_array_equal(y1, y1_kept)  # later calls must not write into earlier results
+    np.testing.assert_array_equal(dx1, dx1_kept)
+    assert not np.shares_memory(y1, y2) and not np.shares_memory(dx1, dx2)
+    # Same input again (and a different batch size in between) reproduces the first results.
+    layer.forward(rng.normal(size=(3, 2, 4, 4)))
+    layer.backward(rng.normal(size=(3, 3, 4, 4)))
+    np.testing.assert_array_equal(layer.forward(x1), y1_kept)
+    np.testing.assert_array_equal(layer.backward(g1), dx1_kept)
+    np.testing.assert_array_equal(layer.grads["weight"], wg1)
+
+
+def test_backward_writes_grads_in_place(rng):
+    layer = Conv2d(2, 3, (2, 3), rng=rng, dtype=np.float64)
+    flat = np.zeros(3 * 2 * 2 * 3 + 3)
+    layer.grads["weight"] = flat[:36].reshape(3, 2, 2, 3)  # what a flat gradient buffer does
+    layer.grads["bias"] = flat[36:]
+    x, g = rng.normal(size=(2, 2, 5, 6)), rng.normal(size=(2, 3, 4, 4))
+    layer.forward(x)
+    layer.backward(g)
+    xt = torch.tensor(x)
+    wt = torch.tensor(layer.params["weight"], requires_grad=True)
+    bt = torch.tensor(layer.params["bias"], requires_grad=True)
+    torch.nn.functional.conv2d(xt, wt, bt).backward(torch.tensor(g))
+    np.testing.assert_allclose(flat[:36].reshape(3, 2, 2, 3), wt.grad.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(flat[36:], bt.grad.numpy(), rtol=1e-12)
+
+
+def test_all_gemms_go_through_gemm_matmul(rng):
+    calls = []
+
+    def recording(a, b, out):
+        calls.append((a.shape, b.shape))
+        return np.matmul(a, b, out=out)
+
+    layer = Conv2d(2, 4, 3, rng=rng, dtype=np.float64)
+    gemm.set_partitioner(recording)
+    try:
+        layer.forward(rng.normal(size=(5, 2, 6, 6)))
+        layer.backward(np.ones((5, 4, 4, 4)))
+    finally:
+        gemm.set_partitioner(None)
+    m = 5 * 4 * 4
+    assert calls == [((4, 18), (18, m)), ((4, m), (m, 18)), ((18, 4), (4, m))]
+
+
+def test_init_is_seeded_and_kaiming_scaled():
+    a = Conv2d(64, 32, 3, rng=np.random.default_rng(7))
+    b = Conv2d(64, 32, 3, rng=np.random.default_rng(7))
+    np.testing.assert_array_equal(a.params["weight"], b.params["weight"])
+    assert a.params["weight"].dtype == np.float32 and a.params["weight"].shape == (32, 64, 3, 3)
+    fan_in = 64 * 9
+    assert abs(a.params["weight"].std() / np.sqrt(2 / fan_in) - 1) < 0.03
+    assert np.abs(a.params["bias"]).max() <= 1 / np.sqrt(fan_in)
+    assert set(Conv2d(1, 2, 3, bias=False).params) == {"weight"}
+
+
+def test_shapes_flops_and_repr():
+    layer = Conv2d(3, 8, (3, 5), stride=2, padding=(1, 2))
+    assert layer.output_shape((3, 11, 10)) == (8, 6, 5)
+    assert layer.flops((3, 11, 10)) == 2 * (8 * 6 * 5) * (3 * 3 * 5)
+    assert layer.num_parameters() == 8 * 3 * 3 * 5 + 8
+    assert repr(layer) == repr(torch.nn.Conv2d(3, 8, (3, 5), stride=2, padding=(1, 2)))
+    assert repr(Conv2d(1, 2, 3, bias=False)) == repr(torch.nn.Conv2d(1, 2, 3, bias=False))
+
+
+def test_input_errors_name_the_layer_and_shapes():
+    layer = Conv2d(3, 4, 5, padding=1, dtype=np.float64)
+    name = r"Conv2d\(3, 4, kernel_size=\(5, 5\), stride=\(1, 1\), padding=\(1, 1\)\)"
+    with pytest.raises(ValueError, match=name + r" expects a 4-D input \(N, C, H, W\), got shape \(3, 8, 8\)"):
+        layer.forward(np.zeros((3, 8, 8)))
+    with pytest.raises(ValueError, match=name + r" expects 3 input channels, got input of shape \(2, 8, 8\)"):
+        layer.forward(np.zeros((1, 2, 8, 8)))
+    with pytest.raises(ValueError, match=name + r": kernel 5x5 is larger than the padded input 4x9 "
+                                              r"\(input shape \(3, 2, 7\), padding \(1, 1\)\)"):
+        layer.forward(np.zeros((1, 3, 2, 7)))
+    with pytest.raises(ValueError, match=name + r" got input shape \(3, 0, 7\) with a non-positive spatial size"):
+        layer.output_shape((3, 0, 7))
+    with pytest.raises(ValueError, match=name + r" expects a per-sample input shape \(C, H, W\), got \(3, 8\)"):
+        layer.output_shape((3, 8))
+    with pytest.raises(TypeError, match=name + r" got a float32 input but its parameters are float64"):
+        layer.forward(np.zeros((1, 3, 8, 8), dtype=np.float32))
+
+
+def test_backward_errors():
+    layer = Conv2d(1, 2, 3, dtype=np.float64)
+    with pytest.raises(RuntimeError, match=r"Conv2d\(1, 2.*backward needs a forward first"):
+        layer.backward(np.zeros((1, 2, 3, 3)))
+    layer.forward(np.zeros((1, 1, 5, 5)))
+    with pytest.raises(ValueError, match=r"grad_out has shape \(1, 2, 4, 4\), the forward output was \(1, 2, 3, 3\)"):
+        layer.backward(np.zeros((1, 2, 4, 4)))
+    layer.forward(np.zeros((1, 1, 5, 5)))
+    layer.backward(np.zeros((1, 2, 3, 3)))
+    with pytest.raises(RuntimeError, match="each forward supports one backward"):
+        layer.backward(np.zeros((1, 2, 3, 3)))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(kernel_size=0), r"Conv2d: kernel_size and stride must be positive, got kernel_size=0"),
+    (dict(kernel_size=(3, -1)), r"kernel_size and stride must be positive, got kernel_size=\(3, -1\)"),
+    (dict(kernel_size=3, stride=0), r"kernel_size and stride must be positive.*stride=0"),
+    (dict(kernel_size=3, padding=-1), r"Conv2d: padding must be non-negative, got -1"),
+    (dict(kernel_size=2.5), r"Conv2d: kernel_size must be an int or a pair of ints, got 2.5"),
+    (dict(kernel_size=(1, 2, 3)), r"Conv2d: kernel_size must be an int or a pair of ints"),
+    (dict(kernel_size=3, init="he"), r"Conv2d\(2, 3, .*unknown init 'he'"),
+    (dict(in_channels=0, kernel_size=3), r"Conv2d: in_channels must be a positive int, got 0"),
+])
+def test_constructor_errors(kwargs, match):
+    args = dict(in_channels=2, out_channels=3)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        Conv2d(**args)
+
+
+def test_results_come_back_on_the_input_device(xp, rng):
+    layer = Conv2d(2, 3, 3, rng=rng).to(xp)
+    x = xp.asarray(rng.normal(size=(2, 2, 5, 5)), dtype=np.float32)
+    y = layer.forward(x)
+    dx = layer.backward(xp.ones_like(y))
+    assert type(y) is type(x) and type(dx) is type(x)
+    assert to_host(dx).shape == (2, 2, 5, 5)
