@@ -111,7 +111,7 @@ class Communicator(abc.ABC):
                 f"{self.name} {what}: the array is not contiguous (strides {buf.strides}); "
                 f"reduce a step-1 slice of a contiguous buffer, never a strided view"
             )
-        if not buf.flags.writeable:
+        if not getattr(buf.flags, "writeable", True):  # CuPy arrays have no such flag: always writable
             raise ValueError(f"{self.name} {what}: the array is read-only; collectives work in place")
 
     def check_op(self, op: str, buf: Array) -> None:
