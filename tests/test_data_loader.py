@@ -258,3 +258,25 @@ def test_loader_errors_propagate_from_the_thread(monkeypatch):
             received.append(batch)
     assert len(received) == 2
     assert _prefetch_threads() == []
+
+
+def test_start_batch_resumes_mid_epoch_with_the_remaining_batches():
+    loader = DataLoader(_dataset(), global_batch=8, seed=5, prefetch=1)
+    full = _epoch(loader, 2)
+    loader.set_epoch(2, start_batch=3)
+    rest = [(to_host(b.x), b.sample_ids) for b in loader]
+    assert len(rest) == len(full) - 3
+    for (x, ids), fb in zip(rest, full[3:], strict=True):
+        np.testing.assert_array_equal(ids, fb.sample_ids)
+        np.testing.assert_array_equal(x, to_host(fb.x))
+    with pytest.raises(ValueError, match="start_batch"):
+        loader.set_epoch(0, start_batch=-1)
+
+
+def test_normalize_matches_the_loader_without_augmentation():
+    from dtrain.data.loader import normalize
+
+    ds = _dataset()
+    loader = DataLoader(ds, global_batch=10, shuffle=False, prefetch=0)
+    first = next(iter(loader))
+    np.testing.assert_array_equal(to_host(first.x), normalize(ds, ds.images[:10], np.float32))

@@ -91,17 +91,20 @@ class DataLoader:
         self.augment, self.xp, self.dtype = augment, xp, np.dtype(dtype)
         self.prefetch = int(prefetch)
         self.epoch = 0
+        self.start_batch = 0
 
     @property
     def local_batch(self) -> int:
         """Samples per rank in a full global batch."""
         return self.global_batch // self.world_size
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order (and augmentation) the next iteration uses."""
-        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
-            raise ValueError(f"DataLoader: epoch must be an int >= 0, got {epoch!r}")
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch whose order (and augmentation) the next iteration uses, and the
+        batch to start from (a run resumed mid-epoch skips the batches it already trained on)."""
+        for what, value in (("epoch", epoch), ("start_batch", start_batch)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                raise ValueError(f"DataLoader: {what} must be an int >= 0, got {value!r}")
+        self.epoch, self.start_batch = int(epoch), int(start_batch)
 
     def __len__(self) -> int:
         """Batches per epoch, the same on every rank."""
@@ -121,7 +124,8 @@ class DataLoader:
     def __iter__(self) -> Iterator[Batch]:
         epoch = self.epoch
         prepare = functools.partial(self._prepare_on_host, epoch)
-        with closing(prefetched(prepare, self.rank_batches(epoch), self.prefetch)) as host_batches:
+        todo = self.rank_batches(epoch)[self.start_batch:]
+        with closing(prefetched(prepare, todo, self.prefetch)) as host_batches:
             for x, y, ids in host_batches:
                 yield Batch(
                     to_device(x, self.xp, self.dtype),
@@ -132,12 +136,26 @@ class DataLoader:
     def _prepare_on_host(self, epoch: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
         """Images of ``ids`` as normalized ``dtype`` NumPy arrays (augmented if asked), their labels, ``ids``."""
         data = self.dataset
-        x = data.images[ids].astype(self.dtype)
-        if data.images.dtype == np.uint8:
-            x /= 255
+        x = to_unit_range(data.images[ids], self.dtype)
         if self.augment:
             x = random_shift_rotate(x, self.seed, epoch, ids)
         x -= data.mean
         x /= data.std
         y = None if data.labels is None else data.labels[ids]
         return x, y, ids
+
+
+def to_unit_range(images: np.ndarray, dtype: Any) -> np.ndarray:
+    """A ``dtype`` copy of ``images`` in [0, 1] (``uint8`` pixels are divided by 255)."""
+    x = images.astype(dtype)
+    if images.dtype == np.uint8:
+        x /= 255
+    return x
+
+
+def normalize(dataset: Dataset, images: np.ndarray, dtype: Any) -> np.ndarray:
+    """``images`` of ``dataset`` as the network sees them (no augmentation): a ``dtype`` array."""
+    x = to_unit_range(images, dtype)
+    x -= dataset.mean
+    x /= dataset.std
+    return x
