@@ -14,7 +14,13 @@ from threadpoolctl import threadpool_info, threadpool_limits
 
 from dtrain.backend import to_host
 from dtrain.nn import gemm
-from dtrain.parallel import RowPartitioner, disable_row_partition, enable_row_partition, row_partition_matmul, split_rows
+from dtrain.parallel import (
+    RowPartitioner,
+    disable_row_partition,
+    enable_row_partition,
+    row_partition_matmul,
+    split_rows,
+)
 from dtrain.parallel.row_partition import device_count
 
 # Float32 rows of this OpenBLAS are computed in groups of 24 (Haswell sgemm kernel), so

@@ -212,7 +212,7 @@ class RowPartitioner:
         xp = get_array_module(a)
         _check_operands(a, b, out, xp)
         kind = "cpu" if xp is np else "cuda"
-        self._check_kind(kind, xp)
+        self._check_kind(kind)
         sizes = split_rows(a.shape[0], len(self.devices), self.row_align)
         starts = np.cumsum([0] + sizes)
         spans = [(p, int(starts[p]), int(starts[p + 1])) for p in range(len(sizes)) if sizes[p]]
@@ -223,6 +223,7 @@ class RowPartitioner:
             result = out if direct else np.empty((a.shape[0], b.shape[1]), dtype=np.result_type(a.dtype, b.dtype))
             self._run_on_threads(a, b, result, spans)
         else:
+            _check_same_gpu(a, b, out)
             result = self._run_on_gpus(xp, a, b, out if direct else None, spans)
         if out is not None and result is not out:
             out[...] = result
@@ -242,7 +243,7 @@ class RowPartitioner:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _check_kind(self, kind: str, xp: ModuleType) -> None:
+    def _check_kind(self, kind: str) -> None:
         named = {d.kind for d in self.devices} - {None}
         if named and named != {kind}:
             library = "NumPy" if kind == "cpu" else "CuPy"
@@ -300,7 +301,9 @@ class RowPartitioner:
                 caller.wait_event(event)
         return result
 
-    def _remote_block(self, cp: ModuleType, a_rows: Any, b: Any, out_rows: Any, device: int, home: int, stream: Any) -> None:
+    def _remote_block(
+        self, cp: ModuleType, a_rows: Any, b: Any, out_rows: Any, device: int, home: int, stream: Any
+    ) -> None:
         """``out_rows = a_rows @ b`` computed on ``device`` from operands on ``home``.
 
         Runs with ``device`` and ``stream`` current; the temporaries come from the memory
@@ -325,6 +328,16 @@ class RowPartitioner:
                     if error.status != runtime.errorPeerAccessAlreadyEnabled:
                         raise
             self._peers_enabled.add((src, dst))
+
+
+def _check_same_gpu(a: Any, b: Any, out: Any) -> None:
+    """The operands must live on one GPU, the caller's; the partitions move their own copies."""
+    for name, x in (("b", b), ("out", out)):
+        if x is not None and x.device.id != a.device.id:
+            raise ValueError(
+                f"row-partitioned matmul: a is on cuda:{a.device.id} but {name} is on cuda:{x.device.id}; "
+                "keep a, b and out on the caller's device (the partitions copy what they need)"
+            )
 
 
 def _peer_copy(cp: ModuleType, dst: Any, dst_device: int, src: Any, src_device: int, stream: Any) -> None:
