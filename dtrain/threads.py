@@ -1,0 +1,27 @@
+"""BLAS thread budget per process: all cores for one process, one per rank under MPI."""
+from __future__ import annotations
+
+import logging
+import os
+
+from threadpoolctl import threadpool_limits
+
+log = logging.getLogger("dtrain")
+_limiter = None
+
+
+def blas_threads_for(threads: int | None, world_size: int) -> int:
+    """The BLAS thread count to use: ``threads`` if given, else cores (1 per rank when size > 1)."""
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1 or null; got {threads}")
+        return int(threads)
+    return 1 if world_size > 1 else (os.cpu_count() or 1)
+
+
+def limit_blas_threads(threads: int | None, world_size: int) -> int:
+    """Cap this process's BLAS (OpenBLAS/MKL) thread pool; returns the count applied."""
+    global _limiter
+    n = blas_threads_for(threads, world_size)
+    _limiter = threadpool_limits(limits=n, user_api="blas")
+    return n
