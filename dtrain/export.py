@@ -188,7 +188,9 @@ def _twin(nn: Any, layer: Module, name: str) -> Any:
     build = _TWINS.get(type(layer))
     if build is None:
         known = ", ".join(sorted(cls.__name__ for cls in _TWINS))
-        raise TypeError(f"to_torch_sequential: layer {name} ({type(layer).__name__}) has no PyTorch twin; known: {known}")
+        raise TypeError(
+            f"to_torch_sequential: layer {name} ({type(layer).__name__}) has no PyTorch twin; known: {known}"
+        )
     return build(nn, layer)
 
 

@@ -192,7 +192,8 @@ def _is_real(value: Any) -> bool:
 
 
 def _real(tag: str, value: Any) -> float:
-    if _is_real(value) or (getattr(value, "ndim", None) == 0 and getattr(value, "dtype", np.dtype(object)).kind in "iuf"):
+    is_array_scalar = getattr(value, "ndim", None) == 0 and getattr(value, "dtype", np.dtype(object)).kind in "iuf"
+    if _is_real(value) or is_array_scalar:  # 0-d NumPy/CuPy arrays, e.g. a loss left on the device
         return float(value)
     raise TypeError(f"TBLogger: scalar {tag!r} must be a real number, got {type(value).__name__} {value!r}")
 
