@@ -25,12 +25,15 @@ reading and the caller's stream waits for all of them, so the call is asynchrono
 any other CuPy operation.
 
 Blocks start at multiples of ``row_align`` rows (the last block also takes the
-``M % row_align`` tail). BLAS kernels compute rows in fixed groups (OpenBLAS on Haswell:
-dgemm 4 rows, sgemm 24; on AVX-512: 16), and a row's rounding depends on which kernel
-variant handled its group, so aligned blocks give every row the same arithmetic as one
-unsplit GEMM with the same BLAS thread count. The default of 16 makes float64 results
-bitwise equal to the unsplit product; float32 needs 48 on Haswell for that.
-``row_align=1`` is the plain even split.
+``M % row_align`` tail, so no block has a single row, which NumPy would send to gemv).
+BLAS kernels compute rows in fixed groups (OpenBLAS on Haswell: dgemm 4 rows, sgemm 24;
+AVX-512 kernels 16), and a row's rounding depends on which kernel variant handled its
+group, so aligned blocks give every row the same arithmetic as one unsplit GEMM with the
+same BLAS thread count. Measured with this OpenBLAS (0.3.31, Haswell kernels) and one
+thread per partition: the default of 16 makes float64 results bitwise equal to the
+unsplit single-threaded GEMM; float32 needs 48 for that (with 16 it differs in the last
+bits). OpenBLAS's own 2-thread GEMM splits rows at unaligned places and is itself not
+bitwise equal to its 1-thread result. ``row_align=1`` is the plain even split.
 """
 from __future__ import annotations
 
