@@ -45,7 +45,9 @@ def test_finite_differences(xp, rng, case):
     layer_gradcheck(layer.to(xp), xp.asarray(x), rng)
 
 
-@pytest.mark.parametrize("kernel,stride,padding", [((3, 2), (2, 1), (1, 0)), ((1, 1), (2, 2), (0, 0)), ((3, 3), (1, 1), (2, 2))])
+@pytest.mark.parametrize("kernel,stride,padding", [
+    ((3, 2), (2, 1), (1, 0)), ((1, 1), (2, 2), (0, 0)), ((3, 3), (1, 1), (2, 2)),
+])
 def test_col2im_is_the_adjoint_of_im2col(xp, rng, kernel, stride, padding):
     # <im2col(x), c> == <x, col2im(c)> for all x, c: the defining property of the pair.
     x = xp.asarray(rng.normal(size=(2, 3, 6, 5)))
@@ -101,6 +103,14 @@ def test_backward_writes_grads_in_place(rng):
     torch.nn.functional.conv2d(xt, wt, bt).backward(torch.tensor(g))
     np.testing.assert_allclose(flat[:36].reshape(3, 2, 2, 3), wt.grad.numpy(), rtol=1e-12)
     np.testing.assert_allclose(flat[36:], bt.grad.numpy(), rtol=1e-12)
+
+
+def test_non_contiguous_weight_grad_is_refused(rng):
+    layer = Conv2d(2, 3, 2, rng=rng, dtype=np.float64)
+    layer.grads["weight"] = np.zeros((3, 2, 2, 4))[..., :2]  # a reshape would copy: the gradient would be lost
+    layer.forward(rng.normal(size=(1, 2, 3, 3)))
+    with pytest.raises(RuntimeError, match=r"grads\['weight'\] must be C-contiguous"):
+        layer.backward(np.ones((1, 3, 2, 2)))
 
 
 def test_all_gemms_go_through_gemm_matmul(rng):

@@ -8,7 +8,7 @@ import numpy as np
 from dtrain.backend import DEFAULT_DTYPE, get_array_module
 from dtrain.nn.checks import check_dim, check_dtype, check_rank, pair
 from dtrain.nn.gemm import matmul
-from dtrain.nn.im2col import col2im, im2col, sliding_output_hw
+from dtrain.nn.im2col import batch_last_to_nchw, col2im, im2col, sliding_output_hw
 from dtrain.nn.init import bias_uniform, initialize
 from dtrain.nn.module import Array, Module, Shape
 from dtrain.nn.workspace import Workspace
@@ -73,12 +73,9 @@ class Conv2d(Module):
         cols = im2col(x, self.kernel_size, self.stride, self.padding, (oh, ow), self._workspace)
         y_cols = self._workspace.get("y_cols", (f, oh * ow * n), x.dtype, xp)
         matmul(self._weight_matrix(), cols, out=y_cols)
-        y_nchw = y_cols.reshape(f, oh, ow, n).transpose(3, 0, 1, 2)
-        out = xp.empty((n, f, oh, ow), dtype=x.dtype)
+        out = batch_last_to_nchw(y_cols.reshape(f, oh, ow, n), self._workspace, "y_staged")
         if self.has_bias:
-            xp.add(y_nchw, self.params["bias"].reshape(1, f, 1, 1), out=out)
-        else:
-            out[...] = y_nchw
+            out += self.params["bias"].reshape(1, f, 1, 1)
         self._saved = (tuple(x.shape), cols)
         return out
 
@@ -101,7 +98,7 @@ class Conv2d(Module):
         g_cols.reshape(f, oh, ow, n)[...] = grad_out.transpose(1, 2, 3, 0)
         if self.has_bias:
             xp.sum(g_cols, axis=1, out=self.grads["bias"])
-        matmul(g_cols, cols.T, out=self.grads["weight"].reshape(f, -1))
+        matmul(g_cols, cols.T, out=self._weight_grad_matrix())
         # The weight gradient was the last use of the columns: reuse their memory.
         matmul(self._weight_matrix().T, g_cols, out=cols)
         return col2im(cols, input_shape, self.kernel_size, self.stride, self.padding, (oh, ow), self._workspace)
@@ -109,6 +106,13 @@ class Conv2d(Module):
     def _weight_matrix(self) -> Array:
         """The weight as an (F, C*kh*kw) view whose columns match the im2col rows."""
         return self.params["weight"].reshape(self.out_channels, -1)
+
+    def _weight_grad_matrix(self) -> Array:
+        """``grads["weight"]`` as an (F, C*kh*kw) view, so that the GEMM writes it in place."""
+        grad = self.grads["weight"]
+        if not grad.flags.c_contiguous:  # reshape would silently return a copy
+            raise RuntimeError(f"{self!r}: grads['weight'] must be C-contiguous to be written in place")
+        return grad.reshape(self.out_channels, -1)
 
     def output_shape(self, input_shape: Shape) -> Shape:
         oh, ow = sliding_output_hw(self, input_shape, self.kernel_size, self.stride, self.padding)

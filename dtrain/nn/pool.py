@@ -8,7 +8,7 @@ windows overlap (kernel 3, stride 2).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -59,7 +59,7 @@ class _Pool2d(Module):
         padded[:, :, ph:ph + h, pw:pw + w] = x
         return padded
 
-    def _windows(self, padded: Array, out_hw: tuple[int, int]):
+    def _windows(self, padded: Array, out_hw: tuple[int, int]) -> Iterator[tuple[int, Array]]:
         """``(offset index, slice of padded)`` for each kernel offset: the inputs under that offset."""
         for index, i, j in kernel_offsets(self.kernel_size):
             yield index, padded[:, :, window(i, out_hw[0], self.stride[0]), window(j, out_hw[1], self.stride[1])]
@@ -76,10 +76,9 @@ class _Pool2d(Module):
             raise RuntimeError(f"{self!r}: backward needs a forward first (each forward supports one backward)")
         input_shape, self._input_shape = self._input_shape, None
         expected = (input_shape[0], *self.output_shape(input_shape[1:]))
-        if tuple(getattr(grad_out, "shape", ())) != expected:
-            raise ValueError(
-                f"{self!r}: grad_out has shape {tuple(getattr(grad_out, 'shape', ()))}, the forward output was {expected}"
-            )
+        got = tuple(getattr(grad_out, "shape", ()))
+        if got != expected:
+            raise ValueError(f"{self!r}: grad_out has shape {got}, the forward output was {expected}")
         xp = get_array_module(grad_out)
         n, c, h, w = input_shape
         ph, pw = self.padding
@@ -124,7 +123,10 @@ class MaxPool2d(_Pool2d):
         # Offset index of each window's maximum, in the smallest integer type that holds kh*kw - 1.
         argmax = xp.zeros(best.shape, dtype=np.min_scalar_type(self.kernel_size[0] * self.kernel_size[1] - 1))
         better = xp.empty(best.shape, dtype=bool)
-        for index, candidate in windows:
+        candidate = xp.empty_like(best)
+        for index, window_values in windows:
+            # One strided pass into a contiguous buffer: the two comparisons then run at full speed.
+            candidate[...] = window_values
             xp.greater(candidate, best, out=better)  # strict: on ties the earlier offset keeps the win
             xp.maximum(best, candidate, out=best)
             # Offsets come in increasing order, so max() sets argmax to index exactly where better
