@@ -112,9 +112,9 @@ def seconds(step: Callable[[], None]) -> float:
     return time.perf_counter() - start
 
 
-def bench(case: Case, batch: int, reps: int, warmup: int) -> tuple[tuple[int, ...], float, float]:
-    """(output shape, median dtrain seconds, median torch seconds) of forward+backward."""
-    name, shape, make_dtrain, make_torch = case
+def bench(case: Case, batch: int, reps: int, warmup: int) -> tuple[tuple[int, ...], int, float, float]:
+    """(output shape, forward FLOPs, median dtrain seconds, median torch seconds) of forward+backward."""
+    _, shape, make_dtrain, make_torch = case
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, *shape), dtype=np.float32)
     layer = make_dtrain()
@@ -128,7 +128,8 @@ def bench(case: Case, batch: int, reps: int, warmup: int) -> tuple[tuple[int, ..
             t = seconds(steps[framework])
             if rep >= warmup:
                 times[framework].append(t)
-    return out_shape, statistics.median(times["dtrain"]), statistics.median(times["torch"])
+    flops = batch * layer.flops(shape)
+    return out_shape, flops, statistics.median(times["dtrain"]), statistics.median(times["torch"])
 
 
 def limit_blas_threads(threads: int) -> None:
@@ -145,17 +146,22 @@ def main() -> None:
     limit_blas_threads(ARGS.threads)
     cases = alexnet_cases()
     if ARGS.layers:
-        wanted = set(ARGS.layers.split(","))
+        wanted = ARGS.layers.split(",")
+        unknown = sorted(set(wanted) - {c[0] for c in cases})
+        if unknown:
+            sys.exit(f"unknown layers {unknown}; choose from {[c[0] for c in cases]}")
         cases = [c for c in cases if c[0] in wanted]
     print(f"batch {ARGS.batch}, {ARGS.threads} threads, float32, forward+backward, median of {ARGS.reps}; "
           f"torch {torch.__version__}, numpy {np.__version__}")
-    print(f"{'layer':<7}{'output':>22}{'dtrain ms':>11}{'torch ms':>10}{'ratio':>7}")
+    # GFLOP/s counts forward + backward as 3x the forward FLOPs (two GEMMs in backward).
+    print(f"{'layer':<7}{'output':>22}{'dtrain ms':>11}{'torch ms':>10}{'ratio':>7}{'dtrain GF/s':>13}{'torch GF/s':>12}")
     totals = [0.0, 0.0]
     for case in cases:
-        out_shape, d, t = bench(case, ARGS.batch, ARGS.reps, ARGS.warmup)
+        out_shape, flops, d, t = bench(case, ARGS.batch, ARGS.reps, ARGS.warmup)
         totals[0] += d
         totals[1] += t
-        print(f"{case[0]:<7}{str(out_shape):>22}{d * 1e3:>11.1f}{t * 1e3:>10.1f}{d / t:>7.2f}", flush=True)
+        rates = f"{3 * flops / d / 1e9:>13.1f}{3 * flops / t / 1e9:>12.1f}" if flops else ""
+        print(f"{case[0]:<7}{str(out_shape):>22}{d * 1e3:>11.1f}{t * 1e3:>10.1f}{d / t:>7.2f}{rates}", flush=True)
     print(f"{'total':<7}{'':>22}{totals[0] * 1e3:>11.1f}{totals[1] * 1e3:>10.1f}{totals[0] / totals[1]:>7.2f}")
 
 
