@@ -49,7 +49,19 @@ def xavier_uniform(rng: np.random.Generator, shape: tuple[int, ...], gain: float
     return rng.uniform(-bound, bound, size=shape)
 
 
+def torch_default(rng: np.random.Generator, shape: tuple[int, ...], gain: float = 1.0) -> np.ndarray:
+    """PyTorch's default for Conv/Linear weights: U(-b, b) with b = gain / sqrt(fan_in).
+
+    (``kaiming_uniform_`` with ``a=sqrt(5)``.) Smaller than He init by sqrt(6): shallow
+    nets such as LeNet start with well-scaled logits and train faster with it.
+    """
+    fan_in, _ = fans(shape)
+    bound = gain / math.sqrt(fan_in)
+    return rng.uniform(-bound, bound, size=shape)
+
+
 INITIALIZERS: dict[str, Initializer] = {
+    "torch_default": torch_default,
     "kaiming_normal": kaiming_normal,
     "kaiming_uniform": kaiming_uniform,
     "xavier_normal": xavier_normal,

@@ -1,0 +1,445 @@
+"""The training run: set up, train, evaluate, checkpoint. Read it top to bottom.
+
+:func:`run` is what ``python -m dtrain`` calls with the composed Hydra config and the run
+directory. One process per rank executes it; with a world of one it is plain
+single-process training.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from dtrain.backend import resolve_device, synchronize, to_host, xp_for
+from dtrain.checkpoint import CheckpointManager, find_latest_run_checkpoint, load_checkpoint
+from dtrain.data import DataLoader, Dataset, DatasetUnavailable, load_dataset, shard_indices
+from dtrain.dist import Communicator, make_communicator
+from dtrain.dist.buckets import GradientReducer
+from dtrain.dist.guard import install_abort_on_exception
+from dtrain.dist.sync import broadcast_parameters, check_consistency, make_stats_reducer
+from dtrain.models import build_model
+from dtrain.nn.batchnorm import BatchNorm1d, BatchNorm2d
+from dtrain.nn.flat import FlatParameters
+from dtrain.nn.loss import SoftmaxCrossEntropy, accuracy_counts
+from dtrain.nn.module import Sequential
+from dtrain.optim import LRSchedule, build_optimizer
+from dtrain.tensorboard import TBLogger
+from dtrain.threads import limit_blas_threads
+
+log = logging.getLogger("dtrain")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the averaged gradient became NaN/Inf."""
+
+
+@dataclass
+class Run:
+    """Everything a training, evaluation or prediction run works with."""
+
+    cfg: DictConfig
+    run_dir: Path
+    comm: Communicator
+    xp: Any
+    dtype: Any
+    model: Sequential
+    train_set: Dataset | None
+    test_set: Dataset | None
+    step: int = 0
+    epoch: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def is_main(self) -> bool:
+        return self.comm.rank == 0
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Execute ``cfg.trainer.mode`` (train, eval or predict); returns the summary dict."""
+    comm = make_communicator(cfg.parallel.backend, resolve_device(cfg.device), timeout_s=cfg.parallel.timeout_s)
+    install_abort_on_exception(comm)
+    limit_blas_threads(cfg.threads, comm.size)
+    try:
+        return _run_mode(cfg, run_dir, comm)
+    except BaseException:
+        # Hydra catches exceptions before sys.excepthook sees them; on several ranks the
+        # hook prints the error once and aborts every rank instead of leaving them hanging.
+        if comm.size > 1:
+            sys.excepthook(*sys.exc_info())
+        raise
+
+
+def _run_mode(cfg: DictConfig, run_dir: Path, comm: Communicator) -> dict[str, Any]:
+    r = _setup(cfg, run_dir, comm)
+    mode = cfg.trainer.mode
+    if mode == "train":
+        return train(r)
+    if mode == "eval":
+        _load_for_inference(r)
+        metrics = evaluate(r, _split(r, cfg.trainer.split))
+        if r.is_main:
+            log.info("eval on %s: loss %.4f, accuracy %.4f", cfg.trainer.split, metrics["loss"], metrics["accuracy"])
+            _write_json(run_dir / "eval.json", metrics)
+        return metrics
+    if mode == "predict":
+        _load_for_inference(r)
+        return predict(r, _split(r, cfg.trainer.split), run_dir / cfg.trainer.predictions)
+    raise ValueError(f"trainer.mode must be train, eval or predict; got {mode!r}")
+
+
+# -- set-up -----------------------------------------------------------------------------
+def _setup(cfg: DictConfig, run_dir: Path, comm: Communicator) -> Run:
+    device = resolve_device(cfg.device)
+    xp = xp_for(device)
+    dtype = np.dtype(cfg.dtype)
+    if dtype not in (np.float32, np.float64):
+        raise ValueError(f"dtype must be float32 or float64; got {cfg.dtype!r}")
+    spec = OmegaConf.to_container(cfg.model, resolve=True)
+    model = build_model(spec, seed=cfg.seed, dtype=dtype).to(xp, dtype)
+    if cfg.parallel.sync_batchnorm and comm.size > 1:
+        reducer = make_stats_reducer(comm)
+        for _, layer in model.named_modules():
+            if isinstance(layer, (BatchNorm1d, BatchNorm2d)):
+                layer.stats_reducer = reducer
+    train_set, test_set = _load_data(cfg, comm)
+    return Run(cfg=cfg, run_dir=run_dir, comm=comm, xp=xp, dtype=dtype, model=model,
+               train_set=train_set, test_set=test_set)
+
+
+def _load_data(cfg: DictConfig, comm: Communicator) -> tuple[Dataset | None, Dataset | None]:
+    """Both splits of ``cfg.data`` (rank 0 downloads first), falling back when configured."""
+    d = cfg.data
+    extra = {k: d[k] for k in ("image_shape", "num_classes") if k in d}
+    if d.mirrors:
+        extra["mirrors"] = list(d.mirrors)
+    splits: dict[str, Dataset | None] = {}
+    name = d.name
+    for split, size in (("train", d.train_size), ("test", d.test_size)):
+        try:
+            splits[split] = _load_split(name, split, d, size, extra, comm)
+        except DatasetUnavailable as err:
+            if not d.fallback or name == d.fallback:
+                raise
+            if comm.rank == 0:
+                log.warning("%s is not available (%s); training on %s instead (set data.fallback=null to fail)",
+                            name, err, d.fallback)
+            name, extra = d.fallback, {}  # options such as mirrors belong to the primary dataset
+            splits[split] = _load_split(name, split, d, size, extra, comm)
+    return splits["train"], splits["test"]
+
+
+def _load_split(name: str, split: str, d: DictConfig, size: int | None, extra: dict, comm: Communicator):
+    def load() -> Dataset | None:
+        try:
+            return load_dataset(name, split, root=d.root, download=d.download, cache_dir=d.cache_dir,
+                                size=size, **extra)
+        except DatasetUnavailable:
+            raise
+        except FileNotFoundError:
+            return None  # e.g. a dataset without this split (kaggle test has no labels)
+
+    # Rank 0 downloads alone; the others read the verified files afterwards.
+    if comm.rank == 0:
+        result = load()
+        comm.barrier()
+        return result
+    comm.barrier()
+    return load()
+
+
+def _split(r: Run, split: str) -> Dataset:
+    ds = r.train_set if split == "train" else r.test_set if split == "test" else None
+    if ds is None:
+        raise ValueError(f"trainer.split must be train or test with data available; got {split!r}")
+    return ds
+
+
+# -- training ---------------------------------------------------------------------------
+def train(r: Run) -> dict[str, Any]:
+    cfg, comm, xp, model = r.cfg, r.comm, r.xp, r.model
+    tcfg = cfg.trainer
+    if r.train_set is None:
+        raise ValueError(f"data {cfg.data.name!r} has no training split")
+    if tcfg.batch_size % comm.size:
+        raise ValueError(
+            f"trainer.batch_size={tcfg.batch_size} (the global batch) must be divisible by the "
+            f"number of ranks ({comm.size})"
+        )
+    flat = FlatParameters(model)
+    optimizer = _make_optimizer(cfg, flat)
+    loader = DataLoader(r.train_set, global_batch=tcfg.batch_size, rank=comm.rank, world_size=comm.size,
+                        seed=cfg.seed, shuffle=True, drop_last=True, augment=cfg.data.augment,
+                        xp=xp, dtype=r.dtype)
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"the training set ({len(r.train_set.labels)} samples) is smaller than one global batch "
+            f"(trainer.batch_size={tcfg.batch_size})"
+        )
+    total_steps = steps_per_epoch * tcfg.epochs
+    if tcfg.max_steps is not None:
+        total_steps = min(total_steps, tcfg.max_steps)
+    schedule = _make_schedule(cfg, total_steps)
+    ckpts = CheckpointManager(r.run_dir / "checkpoints", keep_last=tcfg.keep_last)
+    _maybe_resume(r, optimizer)
+    broadcast_parameters(comm, model)
+    reducer = GradientReducer(flat, comm, model, bucket_bytes=int(cfg.parallel.bucket_mb * 2**20),
+                              overlap=cfg.parallel.overlap,
+                              deterministic=cfg.parallel.deterministic) if comm.size > 1 else None
+    loss_fn = SoftmaxCrossEntropy()
+    tb = TBLogger(r.run_dir / "tensorboard", enabled=r.is_main and cfg.logging.tensorboard,
+                  hist_interval=cfg.logging.hist_interval)
+    if r.is_main:
+        log.info("model %s: %d parameters, %.3f GFLOP/image forward; %d ranks on %s; %d steps/epoch",
+                 cfg.model.name, model.num_parameters(), model.flops(tuple(cfg.model.input_shape)) / 1e9,
+                 comm.size, resolve_device(cfg.device), steps_per_epoch)
+    images_seen, train_time, last_good = 0, 0.0, None
+    model.train()
+    # The step count alone says where a (resumed) run stands: which epoch, which batch.
+    for epoch in range(r.step // steps_per_epoch, tcfg.epochs):
+        if r.step >= total_steps:
+            break
+        loader.set_epoch(epoch, start_batch=r.step - epoch * steps_per_epoch)
+        bar = _progress(r, loader, epoch, steps_per_epoch)
+        run_loss, run_correct, run_count = 0.0, 0, 0
+        epoch_start = time.perf_counter()
+        for batch in loader:
+            t0 = time.perf_counter()
+            lr = schedule.lr_at(r.step)
+            optimizer.lr = lr
+            model.set_batch_context(r.step, batch.sample_ids)
+            logits = model.forward(batch.x)
+            loss = loss_fn.forward(logits, batch.y)
+            model.backward(loss_fn.backward())
+            if reducer is not None:
+                reducer.finish()
+            if not _finite(xp, loss, flat):
+                if tcfg.on_nonfinite == "skip":
+                    log.warning("step %d: non-finite loss or gradient on rank %d; step skipped", r.step, comm.rank)
+                    r.step += 1
+                    continue
+                raise NonFiniteLossError(
+                    f"step {r.step}: the loss or gradient became non-finite (loss={float(loss)}); "
+                    f"the last good checkpoint is {last_good or 'none yet'}. Lower optim.lr or set "
+                    "trainer.on_nonfinite=skip"
+                )
+            optimizer.step()
+            correct, count = accuracy_counts(logits, batch.y)
+            loss_value = float(loss)
+            synchronize(xp)
+            dt = time.perf_counter() - t0
+            train_time += dt
+            images_seen += tcfg.batch_size
+            run_loss += loss_value * count
+            run_correct += correct
+            run_count += count
+            r.step += 1
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss_value:.4f}", acc=f"{correct / max(count, 1):.3f}",
+                                img_s=f"{tcfg.batch_size / dt:.0f}", lr=f"{lr:.4g}")
+                bar.update(1)
+            if r.step % cfg.logging.log_interval == 0:
+                tb.log_scalars({"train/loss": loss_value, "train/accuracy": correct / max(count, 1),
+                                "train/lr": lr, "train/images_per_sec": tcfg.batch_size / dt}, r.step)
+            tb.log_histograms(flat, r.step)
+            if cfg.parallel.check_interval and comm.size > 1 and r.step % cfg.parallel.check_interval == 0:
+                check_consistency(comm, flat, r.step)
+            if tcfg.checkpoint_every and r.step % tcfg.checkpoint_every == 0:
+                last_good = _save(r, ckpts, optimizer)
+            if r.step >= total_steps:
+                break
+        if bar is not None:
+            bar.close()
+        metrics = evaluate(r, r.test_set) if r.test_set is not None and r.test_set.labels is not None else {}
+        model.train()
+        epoch_stats = {"epoch": epoch, "step": r.step,
+                       "train_loss": run_loss / max(run_count, 1), "train_accuracy": run_correct / max(run_count, 1),
+                       "epoch_seconds": time.perf_counter() - epoch_start}
+        epoch_stats.update({f"test_{k}": v for k, v in metrics.items()})
+        r.history.append(epoch_stats)
+        if r.is_main:
+            tb.log_scalars({f"eval/{k}": v for k, v in metrics.items()}, r.step)
+            if epoch == r.history[0]["epoch"] and cfg.logging.images:
+                tb.log_images(r.train_set.images[:64], model, r.step)
+            log.info("epoch %d: train loss %.4f acc %.4f | test loss %.4f acc %.4f", epoch,
+                     epoch_stats["train_loss"], epoch_stats["train_accuracy"],
+                     metrics.get("loss", math.nan), metrics.get("accuracy", math.nan))
+        r.epoch = r.step // steps_per_epoch
+    last_good = _save(r, ckpts, optimizer)
+    summary = _summary(r, images_seen, train_time, last_good)
+    if r.is_main:
+        tb.log_hparams(OmegaConf.to_container(cfg, resolve=True), summary)
+        _write_json(r.run_dir / "summary.json", summary)
+        log.info("done: test accuracy %s, %.1f images/s, %d steps, checkpoint %s",
+                 f"{summary['test_accuracy']:.4f}" if summary["test_accuracy"] is not None else "n/a",
+                 summary["images_per_sec"], r.step, last_good)
+    tb.close()
+    return summary
+
+
+def _make_optimizer(cfg: DictConfig, flat: FlatParameters):
+    kwargs = {k: v for k, v in OmegaConf.to_container(cfg.optim, resolve=True).items()
+              if k not in ("name", "schedule")}
+    if "betas" in kwargs:
+        kwargs["betas"] = tuple(kwargs["betas"])
+    return build_optimizer(cfg.optim.name, flat, **kwargs)
+
+
+def _make_schedule(cfg: DictConfig, total_steps: int) -> LRSchedule:
+    s = cfg.optim.schedule
+    return LRSchedule(base_lr=cfg.optim.lr, kind=s.kind, total_steps=total_steps, warmup_steps=s.warmup_steps,
+                      step_size=s.step_size, gamma=s.gamma, min_lr=s.min_lr)
+
+
+def _finite(xp: Any, loss: Any, flat: FlatParameters) -> bool:
+    # One reduction over the averaged gradients: NaN/Inf anywhere propagates into the sum,
+    # and every rank sees the same reduced buffer, so all ranks take the same decision.
+    return bool(xp.isfinite(loss)) and bool(xp.isfinite(xp.sum(flat.grads)))
+
+
+def _progress(r: Run, loader: DataLoader, epoch: int, steps_per_epoch: int):
+    if not (r.is_main and r.cfg.trainer.progress):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=steps_per_epoch, initial=max(0, r.step - epoch * steps_per_epoch),
+                desc=f"epoch {epoch + 1}/{r.cfg.trainer.epochs}", unit="step", dynamic_ncols=True, leave=True)
+
+
+# -- evaluation and prediction ------------------------------------------------------------
+def evaluate(r: Run, ds: Dataset) -> dict[str, float]:
+    """Loss and accuracy on ``ds``, sharded over ranks and reduced as exact counts."""
+    comm, xp, model = r.comm, r.xp, r.model
+    model.eval()
+    loss_fn = SoftmaxCrossEntropy()
+    idx = shard_indices(len(ds.labels), comm.rank, comm.size)
+    totals = np.zeros(3, dtype=np.float64)  # loss sum, correct, count
+    for x, y in _batches(r, ds, idx):
+        logits = model.forward(x)
+        n = int(y.shape[0])
+        totals[0] += float(loss_fn.forward(logits, y)) * n
+        totals[1:] += accuracy_counts(logits, y)
+    totals = _allreduce_host(comm, totals)
+    count = max(totals[2], 1.0)
+    return {"loss": totals[0] / count, "accuracy": totals[1] / count, "samples": int(totals[2])}
+
+
+def predict(r: Run, ds: Dataset, out_path: Path) -> dict[str, Any]:
+    """Write ``ImageId,Label`` (1-based ids, Kaggle's submission format) for ``ds``."""
+    comm, model = r.comm, r.model
+    model.eval()
+    idx = shard_indices(len(ds.images), comm.rank, comm.size)
+    preds = [to_host(model.forward(x).argmax(axis=1)) for x, _ in _batches(r, ds, idx)]
+    mine = np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
+    parts = comm.allgather_object(mine)
+    labels = np.concatenate(parts)
+    if r.is_main:
+        with open(out_path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["ImageId", "Label"])
+            w.writerows((i + 1, int(p)) for i, p in enumerate(labels))
+        log.info("wrote %d predictions to %s", len(labels), out_path)
+    return {"predictions": str(out_path), "count": int(len(labels))}
+
+
+def _batches(r: Run, ds: Dataset, idx: np.ndarray):
+    from dtrain.data.loader import normalize
+
+    bs = r.cfg.trainer.eval_batch_size
+    for start in range(0, len(idx), bs):
+        sel = idx[start:start + bs]
+        x = r.xp.asarray(normalize(ds, ds.images[sel], r.dtype))
+        y = r.xp.asarray(ds.labels[sel]) if ds.labels is not None else None
+        yield x, y
+
+
+def _allreduce_host(comm: Communicator, values: np.ndarray) -> np.ndarray:
+    parts = comm.allgather_object(values)
+    return np.sum(parts, axis=0)
+
+
+# -- checkpoints ------------------------------------------------------------------------
+def _save(r: Run, ckpts: CheckpointManager, optimizer) -> str | None:
+    if not r.is_main:
+        return None
+    path = ckpts.save(r.step, r.model, optimizer, epoch=r.epoch,
+                      rng_state={"seed": r.cfg.seed, "epoch": r.epoch, "step": r.step},
+                      config=OmegaConf.to_yaml(r.cfg))
+    return str(path)
+
+
+def _maybe_resume(r: Run, optimizer) -> None:
+    resume = r.cfg.trainer.resume
+    if not resume:
+        return
+    path = _resolve_checkpoint(r, resume)
+    if path is None:
+        if r.is_main:
+            log.info("trainer.resume=auto: no earlier checkpoint found; starting fresh")
+        return
+    ckpt = load_checkpoint(path)
+    ckpt.restore(r.model, optimizer)
+    r.step, r.epoch = ckpt.step, ckpt.epoch
+    if r.is_main:
+        log.info("resumed from %s at epoch %d, step %d", path, r.epoch, r.step)
+
+
+def _resolve_checkpoint(r: Run, value: str) -> Path | None:
+    if value == "auto":
+        return find_latest_run_checkpoint(_runs_roots(r.run_dir), exclude=r.run_dir)
+    path = Path(value)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; pass a ckpt-*.npz path or 'auto'")
+    return path
+
+
+def _runs_roots(run_dir: Path) -> list[Path]:
+    # Hydra run dirs are <root>/<date>/<time> (sweeps: <root>/<date>/<time>/<job>); search
+    # this run's root and the default outputs/ and multirun/ of the working directory.
+    depth = 2 if (run_dir / ".." / "multirun.yaml").exists() else 1
+    return [run_dir.resolve().parents[depth], Path("outputs"), Path("multirun")]
+
+
+def _load_for_inference(r: Run) -> None:
+    value = r.cfg.trainer.checkpoint or "auto"
+    path = _resolve_checkpoint(r, value)
+    if path is None:
+        raise FileNotFoundError(
+            "no checkpoint to evaluate: pass trainer.checkpoint=<path to ckpt-*.npz> or train first"
+        )
+    load_checkpoint(path).restore(r.model)
+    if r.is_main:
+        log.info("loaded %s", path)
+
+
+# -- summary ----------------------------------------------------------------------------
+def _summary(r: Run, images: int, seconds: float, checkpoint: str | None) -> dict[str, Any]:
+    last = r.history[-1] if r.history else {}
+    return {
+        "model": r.cfg.model.name,
+        "data": r.train_set.name if r.train_set is not None else None,
+        "ranks": r.comm.size,
+        "device": resolve_device(r.cfg.device),
+        "steps": r.step,
+        "epochs": r.epoch,
+        "test_accuracy": last.get("test_accuracy"),
+        "test_loss": last.get("test_loss"),
+        "train_loss": last.get("train_loss"),
+        "images_per_sec": images / seconds if seconds > 0 else 0.0,
+        "train_seconds": seconds,
+        "checkpoint": checkpoint,
+        "history": r.history,
+    }
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, default=float) + "\n")

@@ -1,0 +1,124 @@
+"""``python -m dtrain`` end to end: Hydra overrides, sweeps, outputs, resume, eval, predict."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+# Small and fast: lenet on a 512-image subset of the built-in MNIST sample.
+FAST = ["model=lenet", "data=mnist_sample", "data.train_size=512", "data.test_size=256",
+        "trainer.batch_size=64", "trainer.progress=false", "logging.hist_interval=4",
+        "logging.log_interval=1", "device=cpu", "threads=1"]
+
+
+def dtrain(cwd: Path, *overrides: str, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "dtrain", *overrides], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"dtrain failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def run_dirs(root: Path) -> list[Path]:
+    return sorted(p.parent for p in root.glob("outputs/*/*/.hydra"))
+
+
+def test_cfg_job_prints_the_composed_config(tmp_path):
+    out = dtrain(tmp_path, "--cfg", "job", "optim.lr=0.123").stdout
+    assert "name: alexnet" in out and "lr: 0.123" in out and "batch_size: 64" in out
+
+
+def test_unknown_key_fails_with_hydra_error(tmp_path):
+    proc = dtrain(tmp_path, "trainer.epoch=3", check=False)
+    assert proc.returncode != 0
+    assert "Could not override 'trainer.epoch'" in proc.stderr
+
+
+def test_train_writes_summary_checkpoint_and_tensorboard(tmp_path):
+    dtrain(tmp_path, *FAST, "trainer.epochs=3", "optim.lr=0.05")
+    (run,) = run_dirs(tmp_path)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["model"] == "lenet" and summary["steps"] == 24 and summary["epochs"] == 3
+    assert 0.3 < summary["test_accuracy"] <= 1.0  # well above chance after 24 steps
+    assert summary["images_per_sec"] > 0
+    assert len(summary["history"]) == 3
+    ckpt = np.load(sorted((run / "checkpoints").glob("ckpt-*.npz"))[-1])
+    assert ckpt["model/0.weight"].shape == (6, 1, 5, 5)
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_multirun_sweep_runs_each_value(tmp_path):
+    dtrain(tmp_path, "--multirun", *FAST, "trainer.max_steps=2", "optim.lr=0.01,0.05")
+    summaries = sorted(tmp_path.glob("multirun/*/*/*/summary.json"))
+    assert len(summaries) == 2
+    cfgs = [(p.parent / ".hydra" / "overrides.yaml").read_text() for p in summaries]
+    assert any("optim.lr=0.01" in c for c in cfgs) and any("optim.lr=0.05" in c for c in cfgs)
+
+
+def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path):
+    # 6 steps straight vs 3 steps + resume for 3 more (mid-epoch: 8 steps per epoch), with
+    # dropout-free lenet and a constant LR so the stop point changes nothing but the split.
+    common = [*FAST, "optim.schedule.kind=constant", "trainer.epochs=2", "trainer.checkpoint_every=3"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    dtrain(a, *common, "trainer.max_steps=6")
+    dtrain(b, *common, "trainer.max_steps=3")
+    dtrain(b, *common, "trainer.max_steps=6", "trainer.resume=auto")
+    final_a = np.load(sorted(run_dirs(a)[0].glob("checkpoints/ckpt-*.npz"))[-1])
+    final_b = np.load(sorted(run_dirs(b)[-1].glob("checkpoints/ckpt-*.npz"))[-1])
+    assert int(final_a["meta/step"]) == int(final_b["meta/step"]) == 6
+    model_keys = [k for k in final_a.files if k.startswith(("model/", "optim/"))]
+    assert model_keys
+    for key in model_keys:
+        np.testing.assert_array_equal(final_a[key], final_b[key], err_msg=key)
+
+
+def test_eval_and_predict_modes_use_a_checkpoint(tmp_path):
+    dtrain(tmp_path, *FAST, "trainer.max_steps=8")
+    (run,) = run_dirs(tmp_path)
+    ckpt = sorted(run.glob("checkpoints/ckpt-*.npz"))[-1]
+    dtrain(tmp_path, *FAST, "trainer.mode=eval", f"trainer.checkpoint={ckpt}")
+    dtrain(tmp_path, *FAST, "trainer.mode=predict", f"trainer.checkpoint={ckpt}")
+    runs = run_dirs(tmp_path)
+    metrics = json.loads(next(r / "eval.json" for r in runs if (r / "eval.json").exists()).read_text())
+    assert metrics["samples"] == 256 and 0.0 <= metrics["accuracy"] <= 1.0
+    summary = json.loads((run / "summary.json").read_text())
+    assert metrics["accuracy"] == pytest.approx(summary["test_accuracy"])
+    pred_file = next(r / "predictions.csv" for r in runs if (r / "predictions.csv").exists())
+    rows = list(csv.reader(pred_file.open()))
+    assert rows[0] == ["ImageId", "Label"] and len(rows) == 257
+    assert rows[1][0] == "1" and all(0 <= int(r[1]) <= 9 for r in rows[1:])
+
+
+def test_offline_mnist_falls_back_to_sample_with_one_clear_line(tmp_path):
+    proc = dtrain(tmp_path, *[o for o in FAST if not o.startswith("data=")], "data=mnist",
+                  f"data.root={tmp_path / 'nodata'}", "data.mirrors=[http://127.0.0.1:9/]",
+                  "trainer.max_steps=1")
+    lines = [l for l in (proc.stdout + proc.stderr).splitlines() if "instead" in l]
+    assert len(lines) == 1 and "mnist_sample" in lines[0], proc.stderr
+
+
+def test_offline_mnist_fails_when_fallback_disabled(tmp_path):
+    proc = dtrain(tmp_path, *[o for o in FAST if not o.startswith("data=")], "data=mnist",
+                  f"data.root={tmp_path / 'nodata'}", "data.mirrors=[http://127.0.0.1:9/]",
+                  "data.fallback=null", "trainer.max_steps=1", check=False)
+    assert proc.returncode != 0
+    assert "mnist" in proc.stderr and "127.0.0.1:9" in proc.stderr
+
+
+def test_non_finite_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path):
+    proc = dtrain(tmp_path, *FAST, "optim.lr=1e12", "optim.schedule.kind=constant",
+                  "trainer.checkpoint_every=1", "trainer.epochs=3", check=False)
+    assert proc.returncode != 0
+    assert "non-finite" in proc.stderr
+    (run,) = run_dirs(tmp_path)
+    ckpts = sorted(run.glob("checkpoints/ckpt-*.npz"))
+    assert ckpts and np.isfinite(np.load(ckpts[-1])["model/0.weight"]).all()
