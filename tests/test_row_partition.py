@@ -28,6 +28,13 @@ from dtrain.parallel.row_partition import device_count
 FLOAT32_EXACT_ALIGN = 48
 
 
+@pytest.fixture(autouse=True)
+def plain_gemm_afterwards():
+    """No test leaves a partitioner installed in dtrain.nn.gemm, even when it fails."""
+    yield
+    disable_row_partition()
+
+
 def partitions(xp, count: int) -> list[int]:
     """``count`` partitions over the devices of ``xp``'s kind, listing devices again when short."""
     available = device_count("cpu" if xp is np else "cuda")
