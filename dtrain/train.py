@@ -21,10 +21,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from dtrain.backend import resolve_device, synchronize, to_host, xp_for
 from dtrain.checkpoint import CheckpointManager, find_latest_run_checkpoint, load_checkpoint
-from dtrain.data import DataLoader, Dataset, DatasetUnavailable, load_dataset, shard_indices
+from dtrain.data import Batch, DataLoader, Dataset, DatasetUnavailable, load_dataset, shard_indices
 from dtrain.dist import Communicator, make_communicator
 from dtrain.dist.buckets import GradientReducer
 from dtrain.dist.guard import install_abort_on_exception
+from dtrain.dist.ordered import OrderedChainReducer
 from dtrain.dist.sync import broadcast_parameters, check_consistency, make_stats_reducer
 from dtrain.models import build_model
 from dtrain.nn.batchnorm import BatchNorm1d, BatchNorm2d
@@ -192,9 +193,7 @@ def train(r: Run) -> dict[str, Any]:
     ckpts = CheckpointManager(r.run_dir / "checkpoints", keep_last=tcfg.keep_last)
     _maybe_resume(r, optimizer)
     broadcast_parameters(comm, model)
-    reducer = GradientReducer(flat, comm, model, bucket_bytes=int(cfg.parallel.bucket_mb * 2**20),
-                              overlap=cfg.parallel.overlap,
-                              deterministic=cfg.parallel.deterministic) if comm.size > 1 else None
+    reducer, chain = _make_reducer(r, flat)
     loss_fn = SoftmaxCrossEntropy()
     tb = TBLogger(r.run_dir / "tensorboard", enabled=r.is_main and cfg.logging.tensorboard,
                   hist_interval=cfg.logging.hist_interval)
@@ -216,25 +215,22 @@ def train(r: Run) -> dict[str, Any]:
             t0 = time.perf_counter()
             lr = schedule.lr_at(r.step)
             optimizer.lr = lr
-            model.set_batch_context(r.step, batch.sample_ids)
-            logits = model.forward(batch.x)
-            loss = loss_fn.forward(logits, batch.y)
-            model.backward(loss_fn.backward())
-            if reducer is not None:
-                reducer.finish()
-            if not _finite(xp, loss, flat):
+            loss_sum, correct, count = _compute_gradients(r, batch, loss_fn, reducer, chain)
+            loss_value = loss_sum / max(count, 1)
+            # Checked on the averaged gradient, which every rank holds identically, so all
+            # ranks take the same decision (a rank-local loss check could split them).
+            if not bool(xp.isfinite(flat.grads).all()):
                 if tcfg.on_nonfinite == "skip":
-                    log.warning("step %d: non-finite loss or gradient on rank %d; step skipped", r.step, comm.rank)
+                    if r.is_main:
+                        log.warning("step %d: non-finite gradient; step skipped", r.step)
                     r.step += 1
                     continue
                 raise NonFiniteLossError(
-                    f"step {r.step}: the loss or gradient became non-finite (loss={float(loss)}); "
+                    f"step {r.step}: the loss or gradient became non-finite (local loss={loss_value}); "
                     f"the last good checkpoint is {last_good or 'none yet'}. Lower optim.lr or set "
                     "trainer.on_nonfinite=skip"
                 )
             optimizer.step()
-            correct, count = accuracy_counts(logits, batch.y)
-            loss_value = float(loss)
             synchronize(xp)
             dt = time.perf_counter() - t0
             train_time += dt
@@ -300,10 +296,46 @@ def _make_schedule(cfg: DictConfig, total_steps: int) -> LRSchedule:
                       step_size=s.step_size, gamma=s.gamma, min_lr=s.min_lr)
 
 
-def _finite(xp: Any, loss: Any, flat: FlatParameters) -> bool:
-    # One reduction over the averaged gradients: NaN/Inf anywhere propagates into the sum,
-    # and every rank sees the same reduced buffer, so all ranks take the same decision.
-    return bool(xp.isfinite(loss)) and bool(xp.isfinite(xp.sum(flat.grads)))
+def _make_reducer(r: Run, flat: FlatParameters) -> tuple[GradientReducer | None, OrderedChainReducer | None]:
+    """The gradient averaging strategy: bucketed all-reduce, or the deterministic chain."""
+    p, comm = r.cfg.parallel, r.comm
+    if p.deterministic:
+        if r.cfg.trainer.batch_size % p.deterministic_chunks:
+            raise ValueError(
+                f"parallel.deterministic=true splits the global batch into parallel.deterministic_chunks="
+                f"{p.deterministic_chunks} micro-batches; trainer.batch_size={r.cfg.trainer.batch_size} "
+                f"must be a multiple of it"
+            )
+        return None, OrderedChainReducer(flat, comm, p.deterministic_chunks)
+    if comm.size == 1:
+        return None, None
+    return GradientReducer(flat, comm, r.model, bucket_bytes=int(p.bucket_mb * 2**20), overlap=p.overlap), None
+
+
+def _compute_gradients(r: Run, batch: Batch, loss_fn: SoftmaxCrossEntropy, reducer: GradientReducer | None,
+                       chain: OrderedChainReducer | None) -> tuple[float, int, int]:
+    """Forward and backward of this rank's share of the global batch, leaving the gradient
+    averaged over all ranks in the flat buffer. Returns (loss sum, correct, count) of the
+    local samples. Deterministic mode runs the share as the chain's micro-batches."""
+    model = r.model
+    parts = chain.local_chunks if chain is not None else 1
+    size = len(batch.sample_ids) // parts
+    loss_sum, correct, count = 0.0, 0, 0
+    for j in range(parts):
+        part = slice(j * size, (j + 1) * size)
+        model.set_batch_context(r.step, batch.sample_ids[part])
+        logits = model.forward(batch.x[part])
+        loss = loss_fn.forward(logits, batch.y[part])
+        model.backward(loss_fn.backward())
+        if chain is not None:
+            chain.add()
+        c, k = accuracy_counts(logits, batch.y[part])
+        loss_sum, correct, count = loss_sum + float(loss) * k, correct + c, count + k
+    if chain is not None:
+        chain.finish()
+    elif reducer is not None:
+        reducer.finish()
+    return loss_sum, correct, count
 
 
 def _progress(r: Run, loader: DataLoader, epoch: int, steps_per_epoch: int):

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from omegaconf import OmegaConf
 from threadpoolctl import threadpool_limits
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from dtrain.backend import synchronize, xp_for  # noqa: E402
 from dtrain.export import to_torch_sequential  # noqa: E402
-from dtrain.models import build_model  # noqa: E402
+from dtrain.models import build_model, load_model_spec  # noqa: E402
 from dtrain.nn.flat import FlatParameters  # noqa: E402
 from dtrain.nn.loss import SoftmaxCrossEntropy  # noqa: E402
 from dtrain.optim import build_optimizer  # noqa: E402
@@ -52,7 +51,7 @@ def main() -> None:
 
 
 def bench_model(name: str, args: argparse.Namespace, torch) -> tuple[float, float]:
-    spec = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml"), resolve=True)
+    spec = load_model_spec(name)
     xp = xp_for(args.device)
     model = build_model(spec, seed=0).to(xp, np.float32)
     flat = FlatParameters(model)

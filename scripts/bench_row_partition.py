@@ -151,12 +151,10 @@ def bench_gemms(args: argparse.Namespace, partitioner: RowPartitioner, unbudgete
 
 
 def bench_step(args: argparse.Namespace) -> None:
-    import yaml
-
-    from dtrain.models import build_model
+    from dtrain.models import build_model, load_model_spec
     from dtrain.nn.loss import SoftmaxCrossEntropy
 
-    spec = yaml.safe_load((Path(__file__).resolve().parent.parent / "conf" / "model" / "alexnet.yaml").read_text())
+    spec = load_model_spec("alexnet")
     model = build_model(spec, seed=0)
     loss_fn = SoftmaxCrossEntropy()
     rng = np.random.default_rng(0)

@@ -7,13 +7,12 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from dtrain.models import build_model
+from dtrain.models import build_model, load_model_spec
 
-CONF = Path(__file__).resolve().parent.parent / "conf" / "model"
 
 
 def _spec(name: str) -> dict:
-    return OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml"), resolve=True)
+    return load_model_spec(name)
 
 
 @pytest.mark.parametrize("name, params", [("alexnet", 24_735_434), ("lenet", 44_426), ("simple_cnn", 556_072)])

@@ -72,6 +72,15 @@ class Communicator(abc.ABC):
     def broadcast(self, buf: Array, root: int = 0) -> None:
         """Overwrite ``buf`` (1-D contiguous) on every rank with the contents on rank ``root``."""
 
+    # -- point to point ---------------------------------------------------------------
+    @abc.abstractmethod
+    def send(self, buf: Array, dest: int) -> None:
+        """Send ``buf`` (1-D contiguous) to rank ``dest``; returns once ``buf`` may be reused."""
+
+    @abc.abstractmethod
+    def recv(self, buf: Array, source: int) -> None:
+        """Fill ``buf`` (1-D contiguous) with what rank ``source`` sends."""
+
     # -- object collectives ------------------------------------------------------------
     @abc.abstractmethod
     def bcast_object(self, obj: Any, root: int = 0) -> Any:

@@ -112,6 +112,16 @@ class MpiCommunicator(Communicator):
         self.check_root(root)
         self._comm.Bcast(spec, root=root)
 
+    def send(self, buf: Array, dest: int) -> None:
+        spec = self._typed(buf, "send")
+        self.check_root(dest)
+        self._comm.Send(spec, dest=dest)
+
+    def recv(self, buf: Array, source: int) -> None:
+        spec = self._typed(buf, "recv")
+        self.check_root(source)
+        self._comm.Recv(spec, source=source)
+
     def bcast_object(self, obj: Any, root: int = 0) -> Any:
         self.check_root(root)
         return self._comm.bcast(obj, root=root)

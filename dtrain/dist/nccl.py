@@ -136,6 +136,20 @@ class NcclCommunicator(Communicator):
         self._comm.bcast(buf.data.ptr, buf.size, nccl_type, root, self._stream.ptr)
         self._completion(buf).wait()
 
+    def send(self, buf: Array, dest: int) -> None:
+        nccl_type = self._device_buffer(buf, "send")
+        self.check_root(dest)
+        self._after_current_stream()
+        self._comm.send(buf.data.ptr, buf.size, nccl_type, dest, self._stream.ptr)
+        self._completion(buf).wait()
+
+    def recv(self, buf: Array, source: int) -> None:
+        nccl_type = self._device_buffer(buf, "recv")
+        self.check_root(source)
+        self._after_current_stream()
+        self._comm.recv(buf.data.ptr, buf.size, nccl_type, source, self._stream.ptr)
+        self._completion(buf).wait()
+
     def bcast_object(self, obj: Any, root: int = 0) -> Any:
         return self._host.bcast_object(obj, root)
 

@@ -26,6 +26,12 @@ class SingleCommunicator(Communicator):
         self.check_buffer(buf, "broadcast")
         self.check_root(root)
 
+    def send(self, buf: Array, dest: int) -> None:
+        raise ValueError(f"send to rank {dest}: a world of one process has no other rank")
+
+    def recv(self, buf: Array, source: int) -> None:
+        raise ValueError(f"recv from rank {source}: a world of one process has no other rank")
+
     def bcast_object(self, obj: Any, root: int = 0) -> Any:
         self.check_root(root)
         return obj
