@@ -50,6 +50,17 @@ class MpiResult:
 
 def run_mpi(script: str, n: int, *args: str, timeout: float = 60, cwd: Path | None = None) -> MpiResult:
     """``mpirun -n n python tests/mpi_scripts/<script> args...``; fails the test after ``timeout`` s."""
+    return launch(["-n", str(n), sys.executable, str(SCRIPTS / script), *args], timeout, cwd)
+
+
+def run_dtrain(n: int, *overrides: str, timeout: float = 120, cwd: Path | None = None) -> MpiResult:
+    """``mpirun -n n python -m dtrain overrides...``; fails the test after ``timeout`` s."""
+    return launch(["-n", str(n), sys.executable, "-m", "dtrain", *overrides], timeout, cwd)
+
+
+def launch(app_args: list[str], timeout: float, cwd: Path | None) -> MpiResult:
+    """``mpirun --oversubscribe app_args...`` (``app_args`` may hold several ``:``-separated
+    app contexts); kills the whole process group and fails the test after ``timeout`` s."""
     mpirun = require_mpi()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMIX_", "PMI_", "PRTE_"))}
     env.update(
@@ -59,7 +70,7 @@ def run_mpi(script: str, n: int, *args: str, timeout: float = 60, cwd: Path | No
         PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
         PYTHONUNBUFFERED="1",
     )
-    cmd = [mpirun, "--oversubscribe", "-n", str(n), sys.executable, str(SCRIPTS / script), *args]
+    cmd = [mpirun, "--oversubscribe", *app_args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             cwd=cwd, start_new_session=True)
     try:
@@ -71,7 +82,7 @@ def run_mpi(script: str, n: int, *args: str, timeout: float = 60, cwd: Path | No
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             stdout, stderr = proc.communicate()
-        pytest.fail(f"mpirun -n {n} {script} {' '.join(args)} did not end within {timeout} s\n"
+        pytest.fail(f"mpirun {' '.join(app_args)} did not end within {timeout} s\n"
                     f"stdout:\n{stdout}\nstderr:\n{stderr}")
     return MpiResult(proc.returncode, stdout, stderr)
 

@@ -27,4 +27,4 @@ def test_alexnet_learns_on_a_subset(tmp_path):
     summary = json.loads((run_dirs(tmp_path)[0] / "summary.json").read_text())
     first, last = summary["history"][0], summary["history"][-1]
     assert last["train_loss"] < first["train_loss"]
-    assert summary["test_accuracy"] > 0.5, summary["history"]  # chance is 0.1
+    assert summary["test_accuracy"] > 0.3, summary["history"]  # chance is 0.1

@@ -1,0 +1,124 @@
+"""Data-parallel training through ``mpirun -n N python -m dtrain``: same answer at any scale,
+one shared run directory, and no hangs when a rank fails."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mpirun_helper import launch, run_dtrain
+
+# A model with dropout and batch norm: their randomness and statistics must not depend on
+# how the global batch is split.
+TINY = """
+model:
+  name: tiny
+  input_shape: [1, 28, 28]
+  init: kaiming_normal
+  layers:
+    - {type: Conv2d, in_channels: 1, out_channels: 4, kernel_size: 5, stride: 2}
+    - {type: ReLU}
+    - {type: MaxPool2d, kernel_size: 2}
+    - {type: Flatten}
+    - {type: Linear, in_features: 144, out_features: 32}
+    - {type: ReLU}
+    - {type: Dropout, p: 0.5}
+    - {type: Linear, in_features: 32, out_features: 10}
+"""
+COMMON = ["data=mnist_sample", "data.train_size=480", "data.test_size=150", "trainer.batch_size=48",
+          "trainer.progress=false", "device=cpu", "logging.tensorboard=false", "parallel.check_interval=2"]
+
+
+@pytest.fixture
+def tiny_model(tmp_path) -> list[str]:
+    conf = tmp_path / "extra_conf" / "model"
+    conf.mkdir(parents=True)
+    (conf / "tiny.yaml").write_text("# @package _global_\n" + TINY)
+    return [f"hydra.searchpath=[file://{tmp_path / 'extra_conf'}]", "model=tiny"]
+
+
+def final_params(run: Path) -> dict[str, np.ndarray]:
+    ckpt = np.load(sorted(run.glob("checkpoints/ckpt-*.npz"))[-1])
+    return {k: ckpt[k] for k in ckpt.files if k.startswith("model/")}
+
+
+def train(tmp_path: Path, n: int, *overrides: str) -> Path:
+    run = tmp_path / f"run{n}"
+    result = run_dtrain(n, *COMMON, *overrides, f"hydra.run.dir={run}", cwd=tmp_path)
+    assert result.returncode == 0, result.output
+    return run
+
+
+def test_deterministic_mode_gives_bitwise_identical_parameters_on_1_2_3_ranks(tmp_path, tiny_model):
+    runs = [train(tmp_path, n, *tiny_model, "parallel.deterministic=true", "trainer.max_steps=6")
+            for n in (1, 2, 3)]
+    params = [final_params(r) for r in runs]
+    assert params[0]
+    for other in params[1:]:
+        for key, value in params[0].items():
+            np.testing.assert_array_equal(other[key], value, err_msg=key)
+    summaries = [json.loads((r / "summary.json").read_text()) for r in runs]
+    assert [s["ranks"] for s in summaries] == [1, 2, 3]
+    assert len({s["test_accuracy"] for s in summaries}) == 1
+
+
+def test_all_reduce_training_agrees_to_float32_rounding(tmp_path):
+    runs = [train(tmp_path, n, "model=lenet", "trainer.max_steps=5", "parallel.bucket_mb=0.05")
+            for n in (1, 2)]
+    a, b = (final_params(r) for r in runs)
+    for key in a:
+        np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+def test_eval_accuracy_with_two_ranks_equals_one_rank(tmp_path):
+    run = train(tmp_path, 1, "model=lenet", "trainer.max_steps=4")
+    ckpt = sorted(run.glob("checkpoints/ckpt-*.npz"))[-1]
+    metrics = []
+    for n in (1, 2):
+        out = tmp_path / f"eval{n}"
+        result = run_dtrain(n, *COMMON, "model=lenet", "trainer.mode=eval", f"trainer.checkpoint={ckpt}",
+                            f"hydra.run.dir={out}", cwd=tmp_path)
+        assert result.returncode == 0, result.output
+        metrics.append(json.loads((out / "eval.json").read_text()))
+    assert metrics[0]["samples"] == metrics[1]["samples"] == 150
+    assert metrics[0]["accuracy"] == metrics[1]["accuracy"]
+
+
+def test_two_ranks_share_one_run_dir_and_only_rank_0_writes(tmp_path):
+    result = run_dtrain(2, *COMMON, "model=lenet", "trainer.max_steps=2", cwd=tmp_path)
+    assert result.returncode == 0, result.output
+    dirs = [p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()]
+    assert len(dirs) == 1, dirs
+    run = dirs[0]
+    assert (run / ".hydra" / "config.yaml").is_file() and (run / "summary.json").is_file()
+    assert len(list(run.glob("checkpoints/ckpt-*.npz"))) == 1
+    assert json.loads((run / "summary.json").read_text())["ranks"] == 2
+
+
+def test_a_failing_rank_ends_the_whole_job_quickly(tmp_path):
+    # MPMD launch: rank 1 gets a data set that does not exist and raises at start-up
+    # while rank 0 waits for it in a collective.
+    good = [sys.executable, "-m", "dtrain", *COMMON, "model=lenet", f"hydra.run.dir={tmp_path / 'r'}"]
+    bad = [*good, "data=kaggle_digits", f"data.root={tmp_path / 'missing'}"]
+    start = time.monotonic()
+    result = launch(["-n", "1", *good, ":", "-n", "1", *bad], timeout=60, cwd=tmp_path)
+    assert result.returncode != 0
+    assert time.monotonic() - start < 30
+    assert result.stderr.count("[rank 1] Traceback") == 1, result.output
+
+
+def test_a_rank_that_stops_arriving_times_out_the_job(tmp_path):
+    # Rank 1 stops after 2 steps; rank 0 waits in the next all-reduce until the
+    # collective timeout aborts the job.
+    base = [sys.executable, "-m", "dtrain", *COMMON, "model=lenet", "parallel.timeout_s=5",
+            "parallel.check_interval=0", f"hydra.run.dir={tmp_path / 'r'}"]
+    start = time.monotonic()
+    result = launch(["-n", "1", *base, "trainer.max_steps=8", ":", "-n", "1", *base, "trainer.max_steps=2"],
+                    timeout=90, cwd=tmp_path)
+    assert result.returncode != 0
+    assert time.monotonic() - start < 60
+    assert "timed out" in result.output or "did not finish" in result.output, result.output
