@@ -33,6 +33,7 @@ from dtrain.nn.flat import FlatParameters
 from dtrain.nn.loss import SoftmaxCrossEntropy, accuracy_counts
 from dtrain.nn.module import Sequential
 from dtrain.optim import LRSchedule, build_optimizer
+from dtrain.parallel import enable_row_partition
 from dtrain.tensorboard import TBLogger
 from dtrain.threads import limit_blas_threads
 
@@ -66,9 +67,16 @@ class Run:
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Execute ``cfg.trainer.mode`` (train, eval or predict); returns the summary dict."""
-    comm = make_communicator(cfg.parallel.backend, resolve_device(cfg.device), timeout_s=cfg.parallel.timeout_s)
+    device = resolve_device(cfg.device)
+    comm = make_communicator(cfg.parallel.backend, device, timeout_s=cfg.parallel.timeout_s,
+                             devices_per_rank=cfg.parallel.devices_per_rank)
     install_abort_on_exception(comm)
     limit_blas_threads(cfg.threads, comm.size)
+    devices = row_partition_devices(cfg.parallel, comm.local_rank, device)
+    if len(devices) > 1:
+        enable_row_partition(devices)
+        if comm.rank == 0:
+            log.info("row partitioning every Conv2d/Linear GEMM across devices %s on each rank", devices)
     try:
         return _run_mode(cfg, run_dir, comm)
     except BaseException:
@@ -98,6 +106,20 @@ def _run_mode(cfg: DictConfig, run_dir: Path, comm: Communicator) -> dict[str, A
 
 
 # -- set-up -----------------------------------------------------------------------------
+def row_partition_devices(parallel: DictConfig, local_rank: int, device: str) -> list[int | str]:
+    """The devices this rank splits its GEMMs across: ``parallel.row_partition.devices`` if
+    set, else ``devices_per_rank`` of them (GPUs ``r*K .. r*K+K-1`` for node-local rank ``r``,
+    or K CPU worker threads); a list of one or none means plain GEMMs."""
+    if parallel.row_partition.devices:
+        return list(parallel.row_partition.devices)
+    k = parallel.devices_per_rank
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"parallel.devices_per_rank must be an int >= 1; got {k!r}")
+    if device == "gpu":
+        return [local_rank * k + i for i in range(k)] if k > 1 else []
+    return [f"cpu:{i}" for i in range(k)] if k > 1 else []
+
+
 def _setup(cfg: DictConfig, run_dir: Path, comm: Communicator) -> Run:
     device = resolve_device(cfg.device)
     xp = xp_for(device)

@@ -47,6 +47,7 @@ def final_params(run: Path) -> dict[str, np.ndarray]:
 
 
 def train(tmp_path: Path, n: int, *overrides: str) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     run = tmp_path / f"run{n}"
     result = run_dtrain(n, *COMMON, *overrides, f"hydra.run.dir={run}", cwd=tmp_path)
     assert result.returncode == 0, result.output
@@ -122,3 +123,20 @@ def test_a_rank_that_stops_arriving_times_out_the_job(tmp_path):
     assert result.returncode != 0
     assert time.monotonic() - start < 60
     assert "timed out" in result.output or "did not finish" in result.output, result.output
+
+
+def test_row_partitioned_training_matches_plain_training_bitwise(tmp_path):
+    # float64 with one BLAS thread per GEMM: aligned row blocks do exactly the arithmetic
+    # of the unsplit product (see dtrain.parallel.row_partition).
+    common = [*COMMON, "model=lenet", "trainer.max_steps=3", "dtype=float64", "threads=1"]
+    plain = train(tmp_path / "plain", 1, *common)
+    split = train(tmp_path / "split", 1, *common, "parallel.devices_per_rank=2")
+    hybrid = train(tmp_path / "hybrid", 2, *common, "parallel.devices_per_rank=2", "parallel.deterministic=true",
+                   "trainer.batch_size=48")
+    det = train(tmp_path / "det", 1, *common, "parallel.deterministic=true")
+    a, b = final_params(plain), final_params(split)
+    for key in a:
+        np.testing.assert_array_equal(b[key], a[key], err_msg=key)
+    c, d = final_params(hybrid), final_params(det)
+    for key in c:
+        np.testing.assert_array_equal(c[key], d[key], err_msg=key)

@@ -18,12 +18,15 @@ DEVICES = ("cpu", "gpu")
 __all__ = ["BACKENDS", "Communicator", "Handle", "make_communicator"]
 
 
-def make_communicator(backend: str = "auto", device: str = "cpu", timeout_s: float | None = None) -> Communicator:
+def make_communicator(backend: str = "auto", device: str = "cpu", timeout_s: float | None = None,
+                      devices_per_rank: int = 1) -> Communicator:
     """The communicator for ``backend`` on ``device`` (``cpu`` or ``gpu``).
 
     ``auto`` means ``single`` when the process was not started by an MPI launcher, else
     ``nccl`` on GPU and ``mpi`` on CPU. ``timeout_s`` bounds barriers and gradient
     reductions (None: no limit); see :class:`dtrain.dist.guard.CollectiveWatchdog`.
+    ``devices_per_rank`` > 1 (hybrid data + row parallelism on GPUs): node-local rank
+    ``r`` owns GPUs ``r*K .. r*K+K-1`` and communicates from the first of them.
     """
     if backend not in BACKENDS:
         raise ValueError(f"parallel backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
@@ -56,4 +59,4 @@ def make_communicator(backend: str = "auto", device: str = "cpu", timeout_s: flo
         return MpiCommunicator(timeout_s=timeout_s)
     from dtrain.dist.nccl import NcclCommunicator
 
-    return NcclCommunicator(timeout_s=timeout_s)
+    return NcclCommunicator(timeout_s=timeout_s, devices_per_rank=devices_per_rank)

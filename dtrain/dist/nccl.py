@@ -63,7 +63,7 @@ class NcclCommunicator(Communicator):
 
     name = "nccl"
 
-    def __init__(self, timeout_s: float | None = None) -> None:
+    def __init__(self, timeout_s: float | None = None, devices_per_rank: int = 1) -> None:
         import cupy
         from cupy.cuda import nccl
 
@@ -78,12 +78,14 @@ class NcclCommunicator(Communicator):
         super().__init__(rank=self._host.rank, size=self._host.size, local_rank=self._host.local_rank,
                          timeout_s=timeout_s)
         visible = cupy.cuda.runtime.getDeviceCount()
-        if 1 < visible < self._host.local_size:
+        needed = self._host.local_size * devices_per_rank
+        if 1 < visible < needed:
             raise RuntimeError(
-                f"backend=nccl: {self._host.local_size} ranks run on this node but only {visible} GPUs "
-                f"are visible; start one rank per GPU (mpirun -n <number of GPUs>)"
+                f"backend=nccl: {self._host.local_size} ranks x {devices_per_rank} devices per rank need "
+                f"{needed} GPUs on this node but only {visible} are visible; start fewer ranks "
+                f"(mpirun -n <GPUs / devices_per_rank>) or lower parallel.devices_per_rank"
             )
-        self.device_id = self.local_rank % visible
+        self.device_id = (self.local_rank * devices_per_rank) % visible
         cupy.cuda.Device(self.device_id).use()
         with self.watchdog.watch("NCCL communicator setup"):
             unique_id = self._host.bcast_object(nccl.get_unique_id() if self.rank == 0 else None)
