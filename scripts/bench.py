@@ -55,11 +55,11 @@ def bench_model(name: str, args: argparse.Namespace, torch) -> tuple[float, floa
     xp = xp_for(args.device)
     model = build_model(spec, seed=0).to(xp, np.float32)
     flat = FlatParameters(model)
-    opt = build_optimizer("sgd", flat, lr=0.01, momentum=0.9)
+    opt = build_optimizer("sgd", flat, lr=1e-4, momentum=0.9)  # small: random labels must not diverge
     loss_fn = SoftmaxCrossEntropy()
     tdev = "cuda" if args.device == "gpu" else "cpu"
     tmodel = to_torch_sequential(model).to(tdev)
-    topt = torch.optim.SGD(tmodel.parameters(), lr=0.01, momentum=0.9)
+    topt = torch.optim.SGD(tmodel.parameters(), lr=1e-4, momentum=0.9)
     tloss = torch.nn.CrossEntropyLoss()
 
     rng = np.random.default_rng(0)
