@@ -140,3 +140,16 @@ def test_row_partitioned_training_matches_plain_training_bitwise(tmp_path):
     c, d = final_params(hybrid), final_params(det)
     for key in c:
         np.testing.assert_array_equal(c[key], d[key], err_msg=key)
+
+
+def test_resume_with_a_different_number_of_ranks(tmp_path, tiny_model):
+    # 6 steps on 1 rank == 3 steps on 1 rank, then resumed on 2 ranks for 3 more (bitwise,
+    # in deterministic mode): checkpoints do not depend on the world size that wrote them.
+    common = [*tiny_model, "parallel.deterministic=true", "optim.schedule.kind=constant"]
+    straight = train(tmp_path / "straight", 1, *common, "trainer.max_steps=6")
+    first = train(tmp_path / "first", 1, *common, "trainer.max_steps=3")
+    ckpt = sorted(first.glob("checkpoints/ckpt-*.npz"))[-1]
+    resumed = train(tmp_path / "resumed", 2, *common, "trainer.max_steps=6", f"trainer.resume={ckpt}")
+    a, b = final_params(straight), final_params(resumed)
+    for key in a:
+        np.testing.assert_array_equal(b[key], a[key], err_msg=key)
