@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from dtrain.backend import resolve_device, synchronize, to_host, xp_for
+from dtrain.backend import resolve_device, to_host, xp_for
 from dtrain.checkpoint import CheckpointManager, find_latest_run_checkpoint, load_checkpoint
 from dtrain.data import Batch, DataLoader, Dataset, DatasetUnavailable, load_dataset, shard_indices
 from dtrain.dist import Communicator, make_communicator
@@ -36,6 +36,7 @@ from dtrain.optim import LRSchedule, build_optimizer
 from dtrain.parallel import enable_row_partition
 from dtrain.tensorboard import TBLogger
 from dtrain.threads import limit_blas_threads
+from dtrain.timeline import ChromeTrace, PhaseTimer, format_breakdown, peak_host_rss_bytes, timeline_scalars
 
 log = logging.getLogger("dtrain")
 
@@ -219,6 +220,12 @@ def train(r: Run) -> dict[str, Any]:
     loss_fn = SoftmaxCrossEntropy()
     tb = TBLogger(r.run_dir / "tensorboard", enabled=r.is_main and cfg.logging.tensorboard,
                   hist_interval=cfg.logging.hist_interval)
+    # Every step is timed by phase (the summary's breakdown); logging.timeline also keeps
+    # each step for TensorBoard and a Chrome trace. Each rank writes its own trace file:
+    # the one exception to "only rank 0 writes into the run directory".
+    timer = PhaseTimer(xp, record_steps=cfg.logging.timeline)
+    trace = (ChromeTrace(r.run_dir / f"timeline-rank{comm.rank}.json", comm.rank, comm.size)
+             if cfg.logging.timeline else None)
     if r.is_main:
         log.info("model %s: %d parameters, %.3f GFLOP/image forward; %d ranks on %s; %d steps/epoch",
                  cfg.model.name, model.num_parameters(), model.flops(tuple(cfg.model.input_shape)) / 1e9,
@@ -233,11 +240,12 @@ def train(r: Run) -> dict[str, Any]:
         bar = _progress(r, loader, epoch, steps_per_epoch)
         run_loss, run_correct, run_count = 0.0, 0, 0
         epoch_start = time.perf_counter()
-        for batch in loader:
-            t0 = time.perf_counter()
+        for host_batch in timer.timed(loader.host_batches(), "data"):
+            with timer.phase("h2d"):
+                batch = loader.to_device(host_batch)
             lr = schedule.lr_at(r.step)
             optimizer.lr = lr
-            loss_sum, correct, count = _compute_gradients(r, batch, loss_fn, reducer, chain)
+            loss_sum, correct, count = _compute_gradients(r, batch, loss_fn, reducer, chain, timer)
             loss_value = loss_sum / max(count, 1)
             # Checked on the averaged gradient, which every rank holds identically, so all
             # ranks take the same decision (a rank-local loss check could split them).
@@ -245,6 +253,7 @@ def train(r: Run) -> dict[str, Any]:
                 if tcfg.on_nonfinite == "skip":
                     if r.is_main:
                         log.warning("step %d: non-finite gradient; step skipped", r.step)
+                    timer.end_step(r.step)
                     r.step += 1
                     continue
                 raise NonFiniteLossError(
@@ -252,9 +261,9 @@ def train(r: Run) -> dict[str, Any]:
                     f"the last good checkpoint is {last_good or 'none yet'}. Lower optim.lr or set "
                     "trainer.on_nonfinite=skip"
                 )
-            optimizer.step()
-            synchronize(xp)
-            dt = time.perf_counter() - t0
+            with timer.phase("optimizer"):
+                optimizer.step()
+            dt = timer.end_step(r.step)  # waits for the step's device work; includes the data wait
             train_time += dt
             images_seen += tcfg.batch_size
             run_loss += loss_value * count
@@ -268,6 +277,8 @@ def train(r: Run) -> dict[str, Any]:
             if r.step % cfg.logging.log_interval == 0:
                 tb.log_scalars({"train/loss": loss_value, "train/accuracy": correct / max(count, 1),
                                 "train/lr": lr, "train/images_per_sec": tcfg.batch_size / dt}, r.step)
+                if trace is not None:
+                    _publish_timeline(r, timer, trace, tb)
             tb.log_histograms(flat, r.step)
             if cfg.parallel.check_interval and comm.size > 1 and r.step % cfg.parallel.check_interval == 0:
                 check_consistency(comm, flat, r.step)
@@ -292,14 +303,18 @@ def train(r: Run) -> dict[str, Any]:
                      epoch_stats["train_loss"], epoch_stats["train_accuracy"],
                      metrics.get("loss", math.nan), metrics.get("accuracy", math.nan))
         r.epoch = r.step // steps_per_epoch
+    if trace is not None:
+        _publish_timeline(r, timer, trace, tb)
+        trace.close()
     last_good = _save(r, ckpts, optimizer)
-    summary = _summary(r, images_seen, train_time, last_good)
+    summary = _summary(r, images_seen, train_time, last_good, timer)
     if r.is_main:
         tb.log_hparams(OmegaConf.to_container(cfg, resolve=True), summary)
         _write_json(r.run_dir / "summary.json", summary)
         log.info("done: test accuracy %s, %.1f images/s, %d steps, checkpoint %s",
                  f"{summary['test_accuracy']:.4f}" if summary["test_accuracy"] is not None else "n/a",
                  summary["images_per_sec"], r.step, last_good)
+        log.info("performance (rank 0): %s", _performance_line(summary))
     tb.close()
     return summary
 
@@ -335,7 +350,7 @@ def _make_reducer(r: Run, flat: FlatParameters) -> tuple[GradientReducer | None,
 
 
 def _compute_gradients(r: Run, batch: Batch, loss_fn: SoftmaxCrossEntropy, reducer: GradientReducer | None,
-                       chain: OrderedChainReducer | None) -> tuple[float, int, int]:
+                       chain: OrderedChainReducer | None, timer: PhaseTimer) -> tuple[float, int, int]:
     """Forward and backward of this rank's share of the global batch, leaving the gradient
     averaged over all ranks in the flat buffer. Returns (loss sum, correct, count) of the
     local samples. Deterministic mode runs the share as the chain's micro-batches."""
@@ -346,18 +361,33 @@ def _compute_gradients(r: Run, batch: Batch, loss_fn: SoftmaxCrossEntropy, reduc
     for j in range(parts):
         part = slice(j * size, (j + 1) * size)
         model.set_batch_context(r.step, batch.sample_ids[part])
-        logits = model.forward(batch.x[part])
-        loss = loss_fn.forward(logits, batch.y[part])
-        model.backward(loss_fn.backward())
+        with timer.phase("forward"):
+            logits = model.forward(batch.x[part])
+            loss = loss_fn.forward(logits, batch.y[part])
+        with timer.phase("backward"):  # overlapped all-reduce buckets start in here
+            model.backward(loss_fn.backward())
         if chain is not None:
-            chain.add()
+            with timer.phase("comm"):
+                chain.add()
         c, k = accuracy_counts(logits, batch.y[part])
         loss_sum, correct, count = loss_sum + float(loss) * k, correct + c, count + k
-    if chain is not None:
-        chain.finish()
-    elif reducer is not None:
-        reducer.finish()
+    with timer.phase("comm"):
+        if chain is not None:
+            chain.finish()
+        elif reducer is not None:
+            timer.add_buckets(reducer.finish().buckets)
     return loss_sum, correct, count
+
+
+def _publish_timeline(r: Run, timer: PhaseTimer, trace: ChromeTrace, tb: TBLogger) -> None:
+    """Append this rank's steps since the last call to its trace; rank 0 writes every rank's
+    phase times and the step-time skew to TensorBoard. Collective: every rank calls it."""
+    records = timer.take_records()
+    trace.write(records)
+    per_rank = r.comm.allgather_object([rec.brief() for rec in records])
+    if r.is_main:
+        for step, values in timeline_scalars(per_rank).items():
+            tb.log_scalars(values, step)
 
 
 def _progress(r: Run, loader: DataLoader, epoch: int, steps_per_epoch: int):
@@ -476,8 +506,10 @@ def _load_for_inference(r: Run) -> None:
 
 
 # -- summary ----------------------------------------------------------------------------
-def _summary(r: Run, images: int, seconds: float, checkpoint: str | None) -> dict[str, Any]:
+def _summary(r: Run, images: int, seconds: float, checkpoint: str | None, timer: PhaseTimer) -> dict[str, Any]:
     last = r.history[-1] if r.history else {}
+    images_per_sec = images / seconds if seconds > 0 else 0.0
+    forward_flops = r.model.flops(tuple(r.cfg.model.input_shape))
     return {
         "model": r.cfg.model.name,
         "data": r.train_set.name if r.train_set is not None else None,
@@ -488,11 +520,24 @@ def _summary(r: Run, images: int, seconds: float, checkpoint: str | None) -> dic
         "test_accuracy": last.get("test_accuracy"),
         "test_loss": last.get("test_loss"),
         "train_loss": last.get("train_loss"),
-        "images_per_sec": images / seconds if seconds > 0 else 0.0,
+        "images_per_sec": images_per_sec,
         "train_seconds": seconds,
+        # A training step costs about 3 forward passes (backward: input and weight gradients).
+        "achieved_gflops_per_sec": images_per_sec * 3 * forward_flops / 1e9,
+        "forward_gflop_per_image": forward_flops / 1e9,
+        "phase_breakdown": timer.breakdown(),
+        "peak_host_rss_bytes": peak_host_rss_bytes(),
+        "peak_device_bytes": timer.peak_device_bytes,
         "checkpoint": checkpoint,
         "history": r.history,
     }
+
+
+def _performance_line(summary: dict[str, Any]) -> str:
+    device = summary["peak_device_bytes"]
+    return (f"{format_breakdown(summary['phase_breakdown'])} | {summary['achieved_gflops_per_sec']:.2f} GFLOP/s "
+            f"(3 x forward FLOPs x images/s) | peak host RSS {summary['peak_host_rss_bytes'] / 2**20:.0f} MiB, "
+            f"device pool {'n/a' if device is None else f'{device / 2**20:.0f} MiB'}")
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

@@ -116,6 +116,18 @@ def test_batches_are_normalized_on_the_requested_module(xp, dtype):
     np.testing.assert_array_equal(to_host(batch.y), data.labels[batch.sample_ids])
 
 
+def test_host_batches_then_to_device_equal_iteration(xp):
+    loader = DataLoader(_dataset(20), 8, dtype=np.float64, xp=xp, augment=True, drop_last=False)
+    host = list(loader.host_batches())
+    assert all(type(b.x) is np.ndarray and type(b.y) is np.ndarray for b in host)
+    for moved, direct in zip([loader.to_device(b) for b in host], loader, strict=True):
+        assert type(moved.x) is type(direct.x) and moved.x.dtype == np.float64 and moved.y.dtype == np.int64
+        np.testing.assert_array_equal(to_host(moved.x), to_host(direct.x))
+        np.testing.assert_array_equal(to_host(moved.y), to_host(direct.y))
+        np.testing.assert_array_equal(moved.sample_ids, direct.sample_ids)
+    assert loader.to_device(next(DataLoader(_dataset(4, labels=False), 4).host_batches())).y is None
+
+
 def test_float_images_are_taken_as_scaled():
     data = _dataset(8)
     scaled = Dataset(data.images.astype(np.float32) / 255, data.labels, "toy", 10, 0.25, 0.5)

@@ -51,7 +51,9 @@ class DataLoader:
     ``augment``, each image is first randomly shifted (<= 2 px) and rotated (<= 10 degrees),
     the draw depending only on ``(seed, epoch, sample_id)``. Host-side preparation of the next
     ``prefetch`` batches runs in a background thread; the transfer to the device happens in
-    the consuming thread, on the device and stream that thread is using.
+    the consuming thread, on the device and stream that thread is using. Iterating yields
+    device batches; a trainer that times the copy on its own iterates :meth:`host_batches`
+    and calls :meth:`to_device` itself.
     """
 
     def __init__(
@@ -122,16 +124,25 @@ class DataLoader:
         return batches
 
     def __iter__(self) -> Iterator[Batch]:
+        with closing(self.host_batches()) as batches:
+            for batch in batches:
+                yield self.to_device(batch)
+
+    def host_batches(self) -> Iterator[Batch]:
+        """The batches of the current epoch with ``x`` and ``y`` still NumPy arrays (prepared
+        ``prefetch`` ahead in a background thread); :meth:`to_device` moves one."""
         epoch = self.epoch
         prepare = functools.partial(self._prepare_on_host, epoch)
         todo = self.rank_batches(epoch)[self.start_batch:]
-        with closing(prefetched(prepare, todo, self.prefetch)) as host_batches:
-            for x, y, ids in host_batches:
-                yield Batch(
-                    to_device(x, self.xp, self.dtype),
-                    None if y is None else to_device(y, self.xp, np.int64),
-                    ids,
-                )
+        with closing(prefetched(prepare, todo, self.prefetch)) as prepared:
+            for x, y, ids in prepared:
+                yield Batch(x, y, ids)
+
+    def to_device(self, batch: Batch) -> Batch:
+        """``batch`` (from :meth:`host_batches`) with ``x`` in ``dtype`` and ``y`` as int64 on
+        the loader's ``xp``: the host-to-device copy, run in the calling thread."""
+        y = None if batch.y is None else to_device(batch.y, self.xp, np.int64)
+        return Batch(to_device(batch.x, self.xp, self.dtype), y, batch.sample_ids)
 
     def _prepare_on_host(self, epoch: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
         """Images of ``ids`` as normalized ``dtype`` NumPy arrays (augmented if asked), their labels, ``ids``."""
