@@ -1,0 +1,69 @@
+"""Data-parallel scaling of a training run: 1 rank vs N ranks, overlap on and off.
+
+    python scripts/bench_scaling.py --model alexnet --ranks 2 --per-rank-batch 64 --steps 12
+
+Runs ``mpirun -n R python -m dtrain`` on synthetic data with the same per-rank batch and
+``threads=1`` (one BLAS thread per rank), reads each run's ``summary.json`` and prints
+images/s, scaling efficiency (images/s with R ranks / (R x images/s with 1 rank)) and the
+share of the step spent waiting on gradient communication. The first two steps (start-up,
+workspace allocation) count in the figures, so use enough steps to amortize them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def mpirun() -> str:
+    beside = Path(sys.executable).parent / "mpirun"
+    found = str(beside) if beside.is_file() else shutil.which("mpirun")
+    if found is None:
+        sys.exit("mpirun not found: pip install 'dtrain[mpi]'")
+    return found
+
+
+def run(ranks: int, args: argparse.Namespace, overlap: bool, out: Path) -> dict:
+    run_dir = out / f"r{ranks}-overlap{int(overlap)}"
+    env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    cmd = [mpirun(), "--oversubscribe", "--bind-to", "none", "-n", str(ranks), sys.executable, "-m", "dtrain",
+           f"model={args.model}", "data=synthetic", f"data.train_size={args.per_rank_batch * ranks * args.steps}",
+           "data.test_size=64", f"trainer.batch_size={args.per_rank_batch * ranks}", "trainer.epochs=1",
+           "trainer.progress=false", "threads=1", "device=cpu", "logging.tensorboard=false",
+           "trainer.checkpoint_every=0", f"parallel.overlap={str(overlap).lower()}",
+           f"parallel.bucket_mb={args.bucket_mb}", f"hydra.run.dir={run_dir}"]
+    subprocess.run(cmd, check=True, cwd=out, env=env, capture_output=not args.verbose)
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="alexnet")
+    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--per-rank-batch", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--bucket-mb", type=float, default=25)
+    ap.add_argument("--verbose", action="store_true")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        base = run(1, args, True, Path(tmp))
+        print(f"{args.model}, per-rank batch {args.per_rank_batch}, 1 BLAS thread per rank, {args.steps} steps, "
+              f"synthetic data, CPU")
+        print(f"{'ranks':>5} {'overlap':>8} {'img/s':>9} {'efficiency':>11} {'comm wait':>10} {'step ms':>9}")
+        rows = [(1, True, base)] + [(args.ranks, ov, run(args.ranks, args, ov, Path(tmp))) for ov in (True, False)]
+        for ranks, overlap, s in rows:
+            eff = s["images_per_sec"] / (ranks * base["images_per_sec"])
+            pb = s["phase_breakdown"]
+            print(f"{ranks:>5} {str(overlap):>8} {s['images_per_sec']:>9.1f} {eff:>10.1%} "
+                  f"{pb['phases']['comm']['share_pct']:>9.1f}% {pb['step_ms']:>9.1f}")
+
+
+if __name__ == "__main__":
+    main()
