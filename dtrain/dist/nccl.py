@@ -132,24 +132,21 @@ class NcclCommunicator(Communicator):
         return self._completion(buf)
 
     def broadcast(self, buf: Array, root: int = 0) -> None:
-        nccl_type = self._device_buffer(buf, "broadcast")
-        self.check_root(root)
-        self._after_current_stream()
-        self._comm.bcast(buf.data.ptr, buf.size, nccl_type, root, self._stream.ptr)
-        self._completion(buf).wait()
+        self._blocking("broadcast", buf, root, self._comm.bcast)
 
     def send(self, buf: Array, dest: int) -> None:
-        nccl_type = self._device_buffer(buf, "send")
-        self.check_root(dest)
-        self._after_current_stream()
-        self._comm.send(buf.data.ptr, buf.size, nccl_type, dest, self._stream.ptr)
-        self._completion(buf).wait()
+        self._blocking("send", buf, dest, self._comm.send)
 
     def recv(self, buf: Array, source: int) -> None:
-        nccl_type = self._device_buffer(buf, "recv")
-        self.check_root(source)
+        self._blocking("recv", buf, source, self._comm.recv)
+
+    def _blocking(self, what: str, buf: Array, peer: int, nccl_call: Any) -> None:
+        """Run ``nccl_call(ptr, count, dtype, peer, stream)`` (bcast/send/recv) on the
+        communication stream after the caller's queued work, and wait for it."""
+        nccl_type = self._device_buffer(buf, what)
+        self.check_root(peer)
         self._after_current_stream()
-        self._comm.recv(buf.data.ptr, buf.size, nccl_type, source, self._stream.ptr)
+        nccl_call(buf.data.ptr, buf.size, nccl_type, peer, self._stream.ptr)
         self._completion(buf).wait()
 
     def bcast_object(self, obj: Any, root: int = 0) -> Any:
