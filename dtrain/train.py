@@ -154,8 +154,10 @@ def _load_data(cfg: DictConfig, comm: Communicator) -> tuple[Dataset | None, Dat
             if not d.fallback or name == d.fallback:
                 raise
             if comm.rank == 0:
-                log.warning("%s is not available (%s); training on %s instead (set data.fallback=null to fail)",
-                            name, err, d.fallback)
+                # One line: the mirrors' individual errors are in the exception (data.fallback=null).
+                reason = str(err).split("; tried:")[0].splitlines()[0]
+                log.warning("%s is not available (%s); training on %s instead (set data.fallback=null to fail "
+                            "and see each mirror's error)", name, reason, d.fallback)
             name, extra = d.fallback, {}  # options such as mirrors belong to the primary dataset
             splits[split] = _load_split(name, split, d, size, extra, comm)
     return splits["train"], splits["test"]

@@ -102,8 +102,10 @@ def test_offline_mnist_falls_back_to_sample_with_one_clear_line(tmp_path):
     proc = dtrain(tmp_path, *[o for o in FAST if not o.startswith("data=")], "data=mnist",
                   f"data.root={tmp_path / 'nodata'}", "data.mirrors=[http://127.0.0.1:9/]",
                   "trainer.max_steps=1")
-    lines = [l for l in (proc.stdout + proc.stderr).splitlines() if "instead" in l]
+    out = proc.stdout + proc.stderr
+    lines = [l for l in out.splitlines() if "instead" in l]
     assert len(lines) == 1 and "mnist_sample" in lines[0], proc.stderr
+    assert "127.0.0.1:9" not in lines[0]  # the per-mirror details stay out of the one line
 
 
 def test_offline_mnist_fails_when_fallback_disabled(tmp_path):
