@@ -68,7 +68,7 @@ def layer_gradcheck(layer: Any, x: Any, rng: np.random.Generator, samples: int =
     xp = get_array_module(x)
     y = layer.forward(x)
     weights = xp.asarray(rng.normal(size=y.shape))
-    analytic = {"input": layer.backward(weights).copy()}
+    analytic = {"input": layer.backward(weights.copy()).copy()}  # backward may overwrite its argument
     analytic.update({name: g.copy() for name, g in layer.grads.items()})
 
     def loss() -> float:
@@ -96,7 +96,7 @@ def assert_matches_torch(
     assert y.dtype == x.dtype, f"output dtype {y.dtype}, input {x.dtype}"
     assert rel_err(y, yt) < tol, f"forward rel err {rel_err(y, yt):.2e}"
     grad_out = rng.normal(size=tuple(yt.shape)).astype(x.dtype)
-    dx = layer.backward(xp.asarray(grad_out))
+    dx = layer.backward(xp.array(grad_out))  # a copy: backward may overwrite its argument
     yt.backward(torch.from_numpy(grad_out))
     assert dx.dtype == x.dtype
     assert rel_err(dx, xt.grad) < tol, f"input grad rel err {rel_err(dx, xt.grad):.2e}"

@@ -63,3 +63,13 @@ def test_sigmoid_is_stable_at_extremes(xp, dtype):
 def test_backward_before_forward(cls):
     with pytest.raises(RuntimeError, match=f"{cls.__name__}.*backward called before forward"):
         cls().backward(np.ones(2))
+
+
+def test_relu_backward_masks_grad_out_in_place(xp):
+    # The layer contract hands grad_out over to backward; ReLU reuses its memory.
+    layer = ReLU()
+    layer.forward(xp.asarray([-1.0, 2.0, 0.0, 3.0]))
+    grad_out = xp.asarray([5.0, 6.0, 7.0, 8.0])
+    dx = layer.backward(grad_out)
+    assert dx is grad_out
+    assert to_host(dx).tolist() == [0.0, 6.0, 0.0, 8.0]

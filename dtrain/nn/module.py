@@ -4,7 +4,9 @@ A layer owns three dicts of arrays: ``params`` (trainable), ``grads`` (same keys
 shapes as ``params``) and ``buffers`` (non-trainable state such as BatchNorm's running
 statistics). ``forward`` caches what ``backward`` needs; ``backward(grad_out)`` returns
 the gradient with respect to the input and *writes* (does not accumulate) the parameter
-gradients into ``grads`` in place. Arrays in these dicts are never rebound by layer code
+gradients into ``grads`` in place. The caller hands ``grad_out`` over to ``backward``:
+a layer may overwrite it (ReLU masks it in place) or return it, so a caller that still
+needs it afterwards passes a copy. Arrays in these dicts are never rebound by layer code
 after construction, so they may be views into one flat buffer (see
 :mod:`dtrain.nn.flat`) and stay valid.
 
