@@ -1,19 +1,29 @@
-"""Training-step throughput of dtrain against the same network in PyTorch, in one run.
+"""Training-step throughput (and, with ``--memory``, peak step memory) of dtrain against the same network in PyTorch.
 
     python scripts/bench.py --model alexnet --batch 128 --threads 2 --device cpu
+    python scripts/bench.py --model alexnet --memory
 
 Both frameworks train the identical network (same weights, batch, dtype and thread
-count) with SGD + momentum on random data; their timed steps are interleaved so machine
-noise hits both alike. Prints images/s for each and the dtrain/PyTorch ratio (higher is
-better for dtrain).
+count) with SGD + momentum on random data; their timed steps are interleaved in one
+process so machine noise hits both alike. Prints images/s for each and the
+dtrain/PyTorch ratio (higher is better for dtrain).
+
+``--memory`` runs each framework alone in a fresh child process (so neither sees the
+other's allocations; both import the same libraries) and reports host resident memory
+after the imports and at its peak over warm-up plus timed steps; the difference is what
+training needs: parameters, gradients, optimizer state, activations kept for backward
+and workspaces. CPU only: on a GPU, a run's ``summary.json`` has the CuPy pool's bytes.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -28,6 +38,9 @@ from dtrain.nn.flat import FlatParameters  # noqa: E402
 from dtrain.nn.loss import SoftmaxCrossEntropy  # noqa: E402
 from dtrain.optim import build_optimizer  # noqa: E402
 
+Step = Callable[[], None]
+LR = 1e-4  # small: random labels must not diverge
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -37,65 +50,136 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     ap.add_argument("--steps", type=int, default=0, help="timed steps per round (0: pick by model size)")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--memory", action="store_true", help="peak host memory per step instead of speed (CPU)")
+    ap.add_argument("--memory-child", choices=["dtrain", "torch"], help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.memory and args.device != "cpu":
+        ap.error("--memory measures host memory: use --device cpu (GPU runs report CuPy pool bytes in summary.json)")
 
     import torch
 
     torch.set_num_threads(args.threads)
     threadpool_limits(args.threads, user_api="blas")
+    if args.memory_child:
+        print(json.dumps(measure_memory(args.model, args.memory_child, args, torch)))
+        return
     print(f"batch {args.batch}, {args.threads} threads, device {args.device}, float32, torch {torch.__version__}")
+    if args.memory:
+        print(f"{'model':<12}{'':<8}{'imports MiB':>12}{'peak MiB':>10}{'training MiB':>14}")
+        for name in args.model.split(","):
+            sizes = {fw: memory_in_child(name, fw, args) for fw in ("dtrain", "torch")}
+            for fw, m in sizes.items():
+                print(f"{name:<12}{fw:<8}{m['imports'] / 2**20:>12.0f}{m['peak'] / 2**20:>10.0f}"
+                      f"{(m['peak'] - m['imports']) / 2**20:>14.0f}")
+            d, t = (sizes[fw]["peak"] - sizes[fw]["imports"] for fw in ("dtrain", "torch"))
+            print(f"{name:<12}training memory dtrain / torch: {d / t:.2f}")
+        return
     print(f"{'model':<12}{'dtrain img/s':>14}{'torch img/s':>14}{'ratio':>8}")
     for name in args.model.split(","):
         d, t = bench_model(name, args, torch)
         print(f"{name:<12}{d:>14.1f}{t:>14.1f}{d / t:>8.2f}")
 
 
-def bench_model(name: str, args: argparse.Namespace, torch) -> tuple[float, float]:
+def dtrain_setup(name: str, args: argparse.Namespace) -> tuple[Step, Step, object, dict]:
+    """(train step, synchronize, model, spec) for dtrain on a fixed random batch."""
     spec = load_model_spec(name)
     xp = xp_for(args.device)
     model = build_model(spec, seed=0).to(xp, np.float32)
-    flat = FlatParameters(model)
-    opt = build_optimizer("sgd", flat, lr=1e-4, momentum=0.9)  # small: random labels must not diverge
+    opt = build_optimizer("sgd", FlatParameters(model), lr=LR, momentum=0.9)
     loss_fn = SoftmaxCrossEntropy()
-    tdev = "cuda" if args.device == "gpu" else "cpu"
-    tmodel = to_torch_sequential(model).to(tdev)
-    topt = torch.optim.SGD(tmodel.parameters(), lr=1e-4, momentum=0.9)
-    tloss = torch.nn.CrossEntropyLoss()
-
-    rng = np.random.default_rng(0)
-    x_host = rng.standard_normal((args.batch, *spec["input_shape"])).astype(np.float32)
-    y_host = rng.integers(0, 10, args.batch)
+    x_host, y_host = random_batch(spec, args.batch)
     x, y = xp.asarray(x_host), xp.asarray(y_host)
-    tx, ty = torch.from_numpy(x_host).to(tdev), torch.from_numpy(y_host).to(tdev)
 
-    def dtrain_step() -> None:
+    def step() -> None:
         loss_fn.forward(model.forward(x), y)
         model.backward(loss_fn.backward())
         opt.step()
 
-    def torch_step() -> None:
-        topt.zero_grad(set_to_none=True)
-        tloss(tmodel(tx), ty).backward()
-        topt.step()
+    return step, lambda: synchronize(xp), model, spec
 
-    def timed(step, sync) -> float:
+
+def torch_setup(model, spec: dict, args: argparse.Namespace, torch) -> tuple[Step, Step]:
+    """(train step, synchronize) for the PyTorch twin of ``model`` on the same random batch."""
+    dev = "cuda" if args.device == "gpu" else "cpu"
+    tmodel = to_torch_sequential(model).to(dev)
+    opt = torch.optim.SGD(tmodel.parameters(), lr=LR, momentum=0.9)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    x_host, y_host = random_batch(spec, args.batch)
+    x, y = torch.from_numpy(x_host).to(dev), torch.from_numpy(y_host).to(dev)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss_fn(tmodel(x), y).backward()
+        opt.step()
+
+    return step, (torch.cuda.synchronize if dev == "cuda" else (lambda: None))
+
+
+def random_batch(spec: dict, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((batch, *spec["input_shape"])).astype(np.float32), rng.integers(0, 10, batch)
+
+
+def timed_steps(model, spec: dict, args: argparse.Namespace) -> int:
+    steps = args.steps or max(2, int(2e10 / max(model.flops(tuple(spec["input_shape"])) * args.batch * 3, 1)))
+    return min(steps, 200)
+
+
+def bench_model(name: str, args: argparse.Namespace, torch) -> tuple[float, float]:
+    """Median images/s over ``args.rounds`` interleaved rounds: (dtrain, torch)."""
+    dtrain_step, dtrain_sync, model, spec = dtrain_setup(name, args)
+    torch_step, torch_sync = torch_setup(model, spec, args, torch)
+    steps = timed_steps(model, spec, args)
+
+    def timed(step: Step, sync: Step) -> float:
         start = time.perf_counter()
         for _ in range(steps):
             step()
         sync()
         return args.batch * steps / (time.perf_counter() - start)
 
-    torch_sync = torch.cuda.synchronize if tdev == "cuda" else (lambda: None)
-    steps = args.steps or max(2, int(2e10 / max(model.flops(tuple(spec["input_shape"])) * args.batch * 3, 1)))
-    steps = min(steps, 200)
     for _ in range(2):  # warm-up: workspaces, caches, memory pools
         dtrain_step()
         torch_step()
     dts, tts = [], []
     for _ in range(args.rounds):
-        dts.append(timed(dtrain_step, lambda: synchronize(xp)))
+        dts.append(timed(dtrain_step, dtrain_sync))
         tts.append(timed(torch_step, torch_sync))
     return statistics.median(dts), statistics.median(tts)
+
+
+def memory_in_child(name: str, framework: str, args: argparse.Namespace) -> dict[str, int]:
+    cmd = [sys.executable, __file__, "--model", name, "--batch", str(args.batch), "--threads", str(args.threads),
+           "--steps", str(args.steps), "--memory-child", framework]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def measure_memory(name: str, framework: str, args: argparse.Namespace, torch) -> dict[str, int]:
+    """Resident bytes after the imports and at the peak of 2 warm-up and a few more steps."""
+    imports = read_status_bytes("VmRSS")
+    step, sync, model, spec = dtrain_setup(name, args)
+    steps = 2 + min(timed_steps(model, spec, args), 5)
+    if framework == "torch":
+        step, sync = torch_setup(model, spec, args, torch)
+        del model  # the twin holds copies of the weights; dtrain's model and optimizer are freed here
+    reset_peak_rss()  # the peak from here on: not the moment both frameworks' models existed
+    for _ in range(steps):
+        step()
+    sync()
+    return {"imports": imports, "peak": read_status_bytes("VmHWM")}
+
+
+def reset_peak_rss() -> None:
+    """Reset the kernel's peak-RSS mark (``VmHWM``) to the current RSS (Linux ``clear_refs`` 5)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def read_status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024  # reported in kB
+    raise RuntimeError(f"/proc/self/status has no {field} line: --memory needs Linux")
 
 
 if __name__ == "__main__":

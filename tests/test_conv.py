@@ -55,7 +55,7 @@ def test_col2im_is_the_adjoint_of_im2col(xp, rng, kernel, stride, padding):
     ow = (5 + 2 * padding[1] - kernel[1]) // stride[1] + 1
     cols = im2col(x, kernel, stride, padding, (oh, ow), Workspace())
     c = xp.asarray(rng.normal(size=cols.shape))
-    back = col2im(c, x.shape, kernel, stride, padding, (oh, ow), Workspace())
+    back = col2im(c, x.shape, kernel, stride, padding, (oh, ow))
     np.testing.assert_allclose(float((cols * c).sum()), float((x * back).sum()), rtol=1e-12)
 
 

@@ -7,9 +7,11 @@ import numpy as np
 
 from dtrain.backend import DEFAULT_DTYPE, get_array_module
 from dtrain.nn.checks import check_dim, check_dtype, check_rank, pair
+from dtrain.nn.blocks import for_blocks
 from dtrain.nn.gemm import matmul
-from dtrain.nn.im2col import batch_last_to_nchw, col2im, im2col, sliding_output_hw
+from dtrain.nn.im2col import col2im, im2col, sliding_output_hw
 from dtrain.nn.init import bias_uniform, initialize
+from dtrain.nn.layout import as_nchw, batch_last
 from dtrain.nn.module import Array, Module, Shape
 from dtrain.nn.workspace import Workspace
 
@@ -64,26 +66,31 @@ class Conv2d(Module):
         self._saved: tuple[Shape, Array] | None = None
 
     def forward(self, x: Array) -> Array:
-        """(N, C, H, W) -> (N, F, OH, OW)."""
+        """(N, C, H, W) -> (N, F, OH, OW), a view of new batch-last memory (see :mod:`dtrain.nn.layout`)."""
         check_rank(self, x, 4, "N, C, H, W")
         check_dtype(self, x, self.params["weight"].dtype)
         f, oh, ow = self.output_shape(x.shape[1:])
         xp = get_array_module(x)
         n = x.shape[0]
         cols = im2col(x, self.kernel_size, self.stride, self.padding, (oh, ow), self._workspace)
-        y_cols = self._workspace.get("y_cols", (f, oh * ow * n), x.dtype, xp)
-        matmul(self._weight_matrix(), cols, out=y_cols)
-        out = batch_last_to_nchw(y_cols.reshape(f, oh, ow, n), self._workspace, "y_staged")
+        y = xp.empty((f, oh * ow * n), dtype=x.dtype)  # new memory: the caller keeps it
+        matmul(self._weight_matrix(), cols, out=y)
         if self.has_bias:
-            out += self.params["bias"].reshape(1, f, 1, 1)
+            bias = self.params["bias"].reshape(f, 1)
+
+            def add_bias(start: int, stop: int) -> None:
+                y[start:stop] += bias[start:stop]
+
+            for_blocks(add_bias, f, y[0].nbytes, y)
         self._saved = (tuple(x.shape), cols)
-        return out
+        return as_nchw(y.reshape(f, oh, ow, n))
 
     def backward(self, grad_out: Array) -> Array:
         """(N, F, OH, OW) -> (N, C, H, W); writes the weight and bias gradients in place.
 
-        The column matrix cached by ``forward`` is overwritten with its gradient, so each
-        ``forward`` supports exactly one ``backward``.
+        The input gradient is a view of new batch-last memory. The column matrix cached by
+        ``forward`` is overwritten with its gradient, so each ``forward`` supports exactly
+        one ``backward``.
         """
         if self._saved is None:
             raise RuntimeError(f"{self!r}: backward needs a forward first (each forward supports one backward)")
@@ -94,14 +101,14 @@ class Conv2d(Module):
         if tuple(grad_out.shape) != expected:
             raise ValueError(f"{self!r}: grad_out has shape {tuple(grad_out.shape)}, the forward output was {expected}")
         xp = get_array_module(grad_out)
-        g_cols = self._workspace.get("g_cols", (f, oh * ow * n), grad_out.dtype, xp)
-        g_cols.reshape(f, oh, ow, n)[...] = grad_out.transpose(1, 2, 3, 0)
+        # (F, OH*OW*N): grad_out's own memory when it is batch-last, as ReLU and pooling leave it.
+        g_cols = batch_last(grad_out, self._workspace, "g_cols").reshape(f, oh * ow * n)
         if self.has_bias:
             xp.sum(g_cols, axis=1, out=self.grads["bias"])
         matmul(g_cols, cols.T, out=self._weight_grad_matrix())
         # The weight gradient was the last use of the columns: reuse their memory.
         matmul(self._weight_matrix().T, g_cols, out=cols)
-        return col2im(cols, input_shape, self.kernel_size, self.stride, self.padding, (oh, ow), self._workspace)
+        return col2im(cols, input_shape, self.kernel_size, self.stride, self.padding, (oh, ow))
 
     def _weight_matrix(self) -> Array:
         """The weight as an (F, C*kh*kw) view whose columns match the im2col rows."""

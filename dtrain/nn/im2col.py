@@ -13,18 +13,17 @@ Why rows (c, i, j) and columns (oh, ow, n), batch fastest:
   is ``W @ cols`` and the weight gradient ``dY @ cols.T`` is written straight into
   ``grads["weight"]`` through a reshaped view; every GEMM operand is a contiguous matrix
   or its transpose, which BLAS takes without a copy;
-* the input is first copied into a zero-padded (C, Hp, Wp, N) buffer. For one kernel
-  offset (i, j) the block ``cols[:, i, j]`` is then a strided slice of that buffer whose
-  contiguous runs are OW*N elements long (N for strides > 1). With the batch axis last
-  these runs are long even for 6x6 feature maps, so im2col copies, and col2im
-  accumulates into the contiguous padded buffer, at close to memory bandwidth. An NCHW
-  source would give runs of only OW elements and cost 2-3x more;
-* the price is a transposing copy of the input into the buffer and of results back to
-  NCHW (:func:`batch_last_to_nchw`); these arrays are a kernel-area times smaller than
-  the column matrix.
+* the input is read in batch-last (C, Hp, Wp, N) order (see :mod:`dtrain.nn.layout`):
+  in place when it already is batch-last and unpadded, else through a copy into a
+  zero-padded buffer. For one kernel offset (i, j) the block ``cols[:, i, j]`` is then a
+  strided slice of that input whose contiguous runs are OW*N elements long (N for
+  strides > 1). With the batch axis last these runs are long even for 6x6 feature maps,
+  so im2col copies, and col2im accumulates, at close to memory bandwidth. An NCHW source
+  would give runs of only OW elements and cost 2-3x more;
+* the forward GEMM's (F, OH*OW*N) result is batch-last too, and is handed on as it is.
 
-Both directions loop over the kh*kw kernel offsets only; each step is one strided array
-copy (or add) covering the whole batch and all channels.
+Both directions loop over the kh*kw kernel offsets; each step is one strided array copy
+(or add) covering the whole batch and a block of channels (:mod:`dtrain.nn.blocks`).
 """
 from __future__ import annotations
 
@@ -32,6 +31,8 @@ from itertools import product
 from typing import Any, Iterator
 
 from dtrain.backend import get_array_module
+from dtrain.nn.blocks import for_blocks
+from dtrain.nn.layout import as_nchw
 from dtrain.nn.module import Array, Shape
 from dtrain.nn.workspace import Workspace
 
@@ -66,50 +67,73 @@ def kernel_offsets(kernel: Pair) -> Iterator[tuple[int, int, int]]:
         yield index, i, j
 
 
+def clipped_window(offset: int, count: int, stride: int, pad: int, size: int) -> tuple[slice, slice] | None:
+    """For one kernel offset along one axis: (outputs, inputs) where the input lies inside the unpadded axis.
+
+    Output ``o`` reads padded position ``o * stride + offset``, i.e. input ``o * stride +
+    offset - pad``; the outputs whose input falls in ``0 .. size - 1`` are one slice, and
+    so are their inputs. ``None`` when no output reads an input at this offset.
+    """
+    first = max(0, -((offset - pad) // stride))  # ceil((pad - offset) / stride)
+    stop = min(count, (size - 1 + pad - offset) // stride + 1)
+    if stop <= first:
+        return None
+    return slice(first, stop), window(first * stride + offset - pad, stop - first, stride)
+
+
 def im2col(x: Array, kernel: Pair, stride: Pair, padding: Pair, out_hw: Pair, workspace: Workspace) -> Array:
     """Column matrix (C*kh*kw, OH*OW*N) of an (N, C, H, W) input (see the module docstring).
 
     The result is a workspace buffer: it stays valid until the next ``im2col`` with the
-    same workspace.
+    same workspace. A batch-last input without padding is read in place; otherwise it is
+    first copied into a zero-padded batch-last buffer, one block of channels at a time.
     """
     xp = get_array_module(x)
     n, c, h, w = x.shape
     (ph, pw), (oh, ow) = padding, out_hw
-    # Only the interior is ever written, so the zero border from allocation persists.
-    padded = workspace.get("im2col_padded", (c, h + 2 * ph, w + 2 * pw, n), x.dtype, xp, fill=0)
-    padded[:, ph:ph + h, pw:pw + w, :] = x.transpose(1, 2, 3, 0)
+    source = x.transpose(1, 2, 3, 0)
+    padded = source
+    if padding != (0, 0) or not source.flags.c_contiguous:
+        # Only the interior is ever written, so the zero border from allocation persists.
+        padded = workspace.get("im2col_padded", (c, h + 2 * ph, w + 2 * pw, n), x.dtype, xp, fill=0)
     cols = workspace.get("cols", (c * kernel[0] * kernel[1], oh * ow * n), x.dtype, xp)
     blocks = cols.reshape(c, kernel[0], kernel[1], oh, ow, n)
-    for _, i, j in kernel_offsets(kernel):
-        blocks[:, i, j] = padded[:, window(i, oh, stride[0]), window(j, ow, stride[1]), :]
+
+    def copy(start: int, stop: int) -> None:
+        if padded is not source:
+            padded[start:stop, ph:ph + h, pw:pw + w] = source[start:stop]
+        for _, i, j in kernel_offsets(kernel):
+            blocks[start:stop, i, j] = padded[start:stop, window(i, oh, stride[0]), window(j, ow, stride[1])]
+
+    # Blocks sized by their padded input, which every kernel offset reads again.
+    for_blocks(copy, c, padded[0].nbytes, x)
     return cols
 
 
-def col2im(cols: Array, input_shape: Shape, kernel: Pair, stride: Pair, padding: Pair, out_hw: Pair,
-           workspace: Workspace) -> Array:
-    """Adjoint of :func:`im2col`: sum the (C*kh*kw, OH*OW*N) columns back into a new (N, C, H, W) array."""
+def col2im(cols: Array, input_shape: Shape, kernel: Pair, stride: Pair, padding: Pair, out_hw: Pair) -> Array:
+    """Adjoint of :func:`im2col`: sum the (C*kh*kw, OH*OW*N) columns into a new (N, C, H, W) array.
+
+    The result is the (N, C, H, W) view of new batch-last memory. Each kernel offset adds
+    only the columns whose input lies inside the unpadded image, so no padded buffer and
+    no copy out of one are needed.
+    """
     xp = get_array_module(cols)
     n, c, h, w = input_shape
     (ph, pw), (oh, ow) = padding, out_hw
-    padded = workspace.get("col2im_padded", (c, h + 2 * ph, w + 2 * pw, n), cols.dtype, xp)
-    padded[...] = 0
+    grad = xp.zeros((c, h, w, n), dtype=cols.dtype)
     blocks = cols.reshape(c, kernel[0], kernel[1], oh, ow, n)
+    parts = []
     for _, i, j in kernel_offsets(kernel):
-        target = padded[:, window(i, oh, stride[0]), window(j, ow, stride[1]), :]
-        target += blocks[:, i, j]
-    return batch_last_to_nchw(padded[:, ph:ph + h, pw:pw + w, :], workspace, "col2im_staged")
+        rows = clipped_window(i, oh, stride[0], ph, h)
+        columns = clipped_window(j, ow, stride[1], pw, w)
+        if rows is not None and columns is not None:
+            parts.append((i, j, rows, columns))
 
+    def add(start: int, stop: int) -> None:
+        for i, j, (out_rows, in_rows), (out_cols, in_cols) in parts:
+            target = grad[start:stop, in_rows, in_cols]
+            target += blocks[start:stop, i, j, out_rows, out_cols]
 
-def batch_last_to_nchw(a: Array, workspace: Workspace, staging: str) -> Array:
-    """A new (N, C, H, W) array with the contents of a (C, H, W, N) one.
-
-    Copied in two steps through the workspace buffer ``staging`` of shape (C, N, H, W):
-    NumPy copies in destination order, and a direct copy reads one element per cache line
-    across the whole source for every destination row; after splitting, each step reads
-    from a few cache lines at a time, which made these copies 1.5-2.5x faster here.
-    """
-    xp = get_array_module(a)
-    c, h, w, n = a.shape
-    staged = workspace.get(staging, (c, n, h, w), a.dtype, xp)
-    staged[...] = a.transpose(0, 3, 1, 2)
-    return staged.transpose(1, 0, 2, 3).copy()  # copy(), not ascontiguousarray: never hand out the workspace
+    # Blocks sized by their part of the result, which every kernel offset adds into again.
+    for_blocks(add, c, grad[0].nbytes, cols)
+    return as_nchw(grad)

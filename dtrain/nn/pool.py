@@ -1,10 +1,14 @@
 """2-D max and average pooling (PyTorch's ``nn.MaxPool2d`` / ``nn.AvgPool2d``, floor mode).
 
-Both loop over the kh*kw kernel offsets only: for one offset, the inputs under it for
-every output pixel form one strided slice of the (padded) input, so each step is a
-whole-batch array operation. Backward adds each offset's share of the output gradient
-into a zeroed padded buffer through the same slices, which also sums correctly where
-windows overlap (kernel 3, stride 2).
+Both work on the batch-last (C, H, W, N) form of the input (see :mod:`dtrain.nn.layout`)
+and return batch-last memory as (N, C, OH, OW) views. They loop over the kh*kw kernel
+offsets only: for one offset, the inputs under it for every output pixel form one
+strided slice of the (padded) input whose runs of N elements are contiguous, so each
+step is one array operation. The loops run on blocks of channels small enough for the
+chain of operations to stay in cache, spread over the thread budget
+(:mod:`dtrain.nn.blocks`). Backward adds each offset's share of the output gradient into
+a zeroed padded array through the same slices, which also sums correctly where windows
+overlap (kernel 3, stride 2).
 """
 from __future__ import annotations
 
@@ -13,14 +17,16 @@ from typing import Any, Iterator
 import numpy as np
 
 from dtrain.backend import get_array_module
+from dtrain.nn.blocks import for_blocks
 from dtrain.nn.checks import check_rank, pair
 from dtrain.nn.im2col import kernel_offsets, sliding_output_hw, window
+from dtrain.nn.layout import as_nchw, batch_last
 from dtrain.nn.module import Array, Module, Shape
 from dtrain.nn.workspace import Workspace
 
 
 class _Pool2d(Module):
-    """Window geometry, validation and gradient scatter shared by the pooling layers."""
+    """Window geometry, validation and the batch-last input and gradient arrays of the pooling layers."""
 
     pad_value: float = 0.0  # what the padded border holds in forward
 
@@ -49,20 +55,25 @@ class _Pool2d(Module):
         return (input_shape[0], oh, ow)
 
     def _padded_input(self, x: Array) -> Array:
-        """``x`` itself without padding, else a workspace copy inside a ``pad_value`` border."""
+        """(C, Hp, Wp, N): ``x`` batch-last inside a ``pad_value`` border (a workspace buffer, or ``x``'s memory)."""
         if self.padding == (0, 0):
-            return x
+            return batch_last(x, self._workspace, "input")
         xp = get_array_module(x)
         n, c, h, w = x.shape
         ph, pw = self.padding
-        padded = self._workspace.get("padded", (n, c, h + 2 * ph, w + 2 * pw), x.dtype, xp, fill=self.pad_value)
-        padded[:, :, ph:ph + h, pw:pw + w] = x
+        padded = self._workspace.get("padded", (c, h + 2 * ph, w + 2 * pw, n), x.dtype, xp, fill=self.pad_value)
+        source = x.transpose(1, 2, 3, 0)
+
+        def copy(start: int, stop: int) -> None:  # only the interior: the border keeps pad_value
+            padded[start:stop, ph:ph + h, pw:pw + w] = source[start:stop]
+
+        for_blocks(copy, c, 2 * padded[0].nbytes, x)
         return padded
 
     def _windows(self, padded: Array, out_hw: tuple[int, int]) -> Iterator[tuple[int, Array]]:
-        """``(offset index, slice of padded)`` for each kernel offset: the inputs under that offset."""
+        """``(offset index, slice of padded)`` for each kernel offset: the (C, OH, OW, N) inputs under that offset."""
         for index, i, j in kernel_offsets(self.kernel_size):
-            yield index, padded[:, :, window(i, out_hw[0], self.stride[0]), window(j, out_hw[1], self.stride[1])]
+            yield index, padded[:, window(i, out_hw[0], self.stride[0]), window(j, out_hw[1], self.stride[1])]
 
     def _start_forward(self, x: Array) -> tuple[int, int]:
         check_rank(self, x, 4, "N, C, H, W")
@@ -70,8 +81,8 @@ class _Pool2d(Module):
         self._input_shape = tuple(x.shape)
         return oh, ow
 
-    def _start_backward(self, grad_out: Array) -> tuple[Shape, Array]:
-        """The forward's input shape and a zeroed padded gradient buffer; validates ``grad_out``."""
+    def _start_backward(self, grad_out: Array) -> tuple[Shape, Array, Array]:
+        """The forward's input shape, ``grad_out`` batch-last and a new zeroed (C, Hp, Wp, N) input gradient."""
         if self._input_shape is None:
             raise RuntimeError(f"{self!r}: backward needs a forward first (each forward supports one backward)")
         input_shape, self._input_shape = self._input_shape, None
@@ -82,15 +93,14 @@ class _Pool2d(Module):
         xp = get_array_module(grad_out)
         n, c, h, w = input_shape
         ph, pw = self.padding
-        grad_padded = self._workspace.get("grad_padded", (n, c, h + 2 * ph, w + 2 * pw), grad_out.dtype, xp)
-        grad_padded[...] = 0
-        return input_shape, grad_padded
+        grad_in = xp.zeros((c, h + 2 * ph, w + 2 * pw, n), dtype=grad_out.dtype)
+        return input_shape, batch_last(grad_out, self._workspace, "grad_out"), grad_in
 
-    def _unpad(self, grad_padded: Array, input_shape: Shape) -> Array:
-        """A new (N, C, H, W) array with the interior of the padded gradient."""
+    def _unpad(self, grad_in: Array, input_shape: Shape) -> Array:
+        """The (N, C, H, W) view of the padded gradient's interior (the array is new: no copy needed)."""
         _, _, h, w = input_shape
         ph, pw = self.padding
-        return grad_padded[:, :, ph:ph + h, pw:pw + w].copy()  # a copy even without padding: never hand out workspace
+        return as_nchw(grad_in[:, ph:ph + h, pw:pw + w])
 
     def extra_repr(self) -> str:
         def show(v: tuple[int, int]) -> Any:
@@ -108,45 +118,59 @@ class MaxPool2d(_Pool2d):
 
     pad_value = -np.inf
 
-    def __init__(self, kernel_size: int | tuple[int, int], stride: int | tuple[int, int] | None = None,
-                 padding: int | tuple[int, int] = 0) -> None:
-        super().__init__(kernel_size, stride, padding)
-        self._argmax: Array | None = None
+    def _argmax(self, shape: Shape, xp: Any) -> Array:
+        """Workspace buffer of the (C, OH, OW, N) offset index of each window's maximum, as forward left it.
+
+        Its dtype is the smallest integer type that holds kh*kw - 1.
+        """
+        dtype = np.min_scalar_type(self.kernel_size[0] * self.kernel_size[1] - 1)
+        return self._workspace.get("argmax", shape, dtype, xp)
 
     def forward(self, x: Array) -> Array:
         """(N, C, H, W) -> (N, C, OH, OW); remembers which kernel offset won each window."""
         out_hw = self._start_forward(x)
         xp = get_array_module(x)
-        windows = self._windows(self._padded_input(x), out_hw)
-        _, first = next(windows)
-        best = first.copy()
-        # Offset index of each window's maximum, in the smallest integer type that holds kh*kw - 1.
-        argmax = xp.zeros(best.shape, dtype=np.min_scalar_type(self.kernel_size[0] * self.kernel_size[1] - 1))
-        better = xp.empty(best.shape, dtype=bool)
-        candidate = xp.empty_like(best)
-        for index, window_values in windows:
-            # One strided pass into a contiguous buffer: the two comparisons then run at full speed.
-            candidate[...] = window_values
-            xp.greater(candidate, best, out=better)  # strict: on ties the earlier offset keeps the win
-            xp.maximum(best, candidate, out=best)
-            # Offsets come in increasing order, so max() sets argmax to index exactly where better
-            # (a masked copy would do the same but is several times slower in NumPy).
-            xp.maximum(argmax, better * argmax.dtype.type(index), out=argmax)
-        self._argmax = argmax
-        return best
+        padded = self._padded_input(x)
+        c, n = padded.shape[0], padded.shape[3]
+        shape = (c, *out_hw, n)
+        best = xp.empty(shape, dtype=x.dtype)
+        argmax = self._argmax(shape, xp)
+        better = self._workspace.get("better", shape, bool, xp)
+        marked = self._workspace.get("marked", shape, argmax.dtype, xp)
+
+        def pool(start: int, stop: int) -> None:
+            top, top_at, wins, mark = best[start:stop], argmax[start:stop], better[start:stop], marked[start:stop]
+            windows = self._windows(padded[start:stop], out_hw)
+            _, first = next(windows)
+            top[...] = first
+            top_at[...] = 0
+            for index, values in windows:
+                xp.greater(values, top, out=wins)  # strict: on ties the earlier offset keeps the win
+                xp.maximum(top, values, out=top)
+                # Offsets come in increasing order, so max() sets top_at to index exactly where wins
+                # (a masked copy would do the same but is several times slower in NumPy).
+                xp.multiply(wins, argmax.dtype.type(index), out=mark)
+                xp.maximum(top_at, mark, out=top_at)
+
+        for_blocks(pool, c, padded[0].nbytes + best[0].nbytes * 3, x)
+        return as_nchw(best)
 
     def backward(self, grad_out: Array) -> Array:
         """(N, C, OH, OW) -> (N, C, H, W): each output's gradient goes to its window's argmax."""
-        input_shape, grad_padded = self._start_backward(grad_out)
+        input_shape, grad, grad_in = self._start_backward(grad_out)
         xp = get_array_module(grad_out)
-        argmax, self._argmax = self._argmax, None
-        won = xp.empty(argmax.shape, dtype=bool)
-        share = xp.empty(grad_out.shape, dtype=grad_out.dtype)
-        for index, target in self._windows(grad_padded, grad_out.shape[2:]):
-            xp.equal(argmax, index, out=won)
-            xp.multiply(grad_out, won, out=share)
-            target += share
-        return self._unpad(grad_padded, input_shape)
+        argmax = self._argmax(grad.shape, xp)
+        won = self._workspace.get("better", argmax.shape, bool, xp)
+        share = self._workspace.get("share", argmax.shape, grad.dtype, xp)
+
+        def route(start: int, stop: int) -> None:
+            for index, target in self._windows(grad_in[start:stop], grad.shape[1:3]):
+                xp.equal(argmax[start:stop], index, out=won[start:stop])
+                xp.multiply(grad[start:stop], won[start:stop], out=share[start:stop])
+                target += share[start:stop]
+
+        for_blocks(route, grad.shape[0], grad_in[0].nbytes + grad[0].nbytes * 3, grad_out)
+        return self._unpad(grad_in, input_shape)
 
 
 class AvgPool2d(_Pool2d):
@@ -159,18 +183,33 @@ class AvgPool2d(_Pool2d):
     def forward(self, x: Array) -> Array:
         """(N, C, H, W) -> (N, C, OH, OW)."""
         out_hw = self._start_forward(x)
-        windows = self._windows(self._padded_input(x), out_hw)
-        _, first = next(windows)
-        total = first.copy()
-        for _, window_values in windows:
-            total += window_values
-        total *= 1.0 / (self.kernel_size[0] * self.kernel_size[1])
-        return total
+        xp = get_array_module(x)
+        padded = self._padded_input(x)
+        c, n = padded.shape[0], padded.shape[3]
+        total = xp.empty((c, *out_hw, n), dtype=x.dtype)
+
+        def pool(start: int, stop: int) -> None:
+            part = total[start:stop]
+            windows = self._windows(padded[start:stop], out_hw)
+            _, first = next(windows)
+            part[...] = first
+            for _, values in windows:
+                part += values
+            part *= 1.0 / (self.kernel_size[0] * self.kernel_size[1])
+
+        for_blocks(pool, c, padded[0].nbytes + total[0].nbytes, x)
+        return as_nchw(total)
 
     def backward(self, grad_out: Array) -> Array:
         """(N, C, OH, OW) -> (N, C, H, W): each window input gets grad / (kh*kw)."""
-        input_shape, grad_padded = self._start_backward(grad_out)
-        share = grad_out * (1.0 / (self.kernel_size[0] * self.kernel_size[1]))
-        for _, target in self._windows(grad_padded, grad_out.shape[2:]):
-            target += share
-        return self._unpad(grad_padded, input_shape)
+        input_shape, grad, grad_in = self._start_backward(grad_out)
+        xp = get_array_module(grad_out)
+        share = self._workspace.get("share", grad.shape, grad.dtype, xp)
+
+        def spread(start: int, stop: int) -> None:
+            xp.multiply(grad[start:stop], 1.0 / (self.kernel_size[0] * self.kernel_size[1]), out=share[start:stop])
+            for _, target in self._windows(grad_in[start:stop], grad.shape[1:3]):
+                target += share[start:stop]
+
+        for_blocks(spread, grad.shape[0], grad_in[0].nbytes + grad[0].nbytes * 2, grad_out)
+        return self._unpad(grad_in, input_shape)

@@ -1,0 +1,77 @@
+"""Memory-bound layer work in cache-sized blocks, spread over the process's threads.
+
+Pooling, ReLU and the im2col/col2im copies are chains of cheap array operations over
+arrays of tens of MB. Applied to a whole array, every operation in the chain streams it
+from RAM; applied to a few channels at a time, the chain runs in cache (3-4x faster for
+max pooling, measured on AlexNet's first pooling layer). NumPy releases the GIL inside
+each operation, so blocks handed to different threads run in parallel; the number of
+threads is the process's BLAS thread budget (:func:`dtrain.threads.current_blas_threads`,
+one per rank under MPI), so the copies use the cores the GEMMs may use, and no more.
+
+On the GPU the whole range is one block on the calling thread: the device parallelizes
+each operation by itself, small blocks would only add kernel launches, and a CuPy call
+from another thread would run on that thread's current device.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+from dtrain.backend import is_gpu_array
+from dtrain.threads import current_blas_threads
+
+# Bytes one block should touch: well inside a core's L2 cache together with its outputs.
+BLOCK_BYTES = 1 << 19
+
+_executor: ThreadPoolExecutor | None = None
+_executor_pid: int | None = None
+_executor_lock = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    """The shared worker threads (created again in a forked child, whose copy has none)."""
+    global _executor, _executor_pid
+    with _executor_lock:
+        if _executor is None or _executor_pid != os.getpid():
+            _executor = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="dtrain-blocks")
+            _executor_pid = os.getpid()
+        return _executor
+
+
+def split_evenly(total: int, parts: int) -> list[tuple[int, int]]:
+    """``parts`` consecutive ``(start, stop)`` ranges covering ``0 .. total``, sizes differing by at most 1."""
+    return [(total * p // parts, total * (p + 1) // parts) for p in range(parts)]
+
+
+def for_blocks(fn: Callable[[int, int], None], total: int, bytes_per_item: int, like: Any) -> None:
+    """Call ``fn(start, stop)`` on consecutive ranges that cover ``0 .. total`` once.
+
+    Each range spans about :data:`BLOCK_BYTES` / ``bytes_per_item`` items (at least one);
+    the ranges are shared out over the thread budget in contiguous runs, the calling
+    thread taking the first. ``fn`` must only write what its range owns. ``like`` is an
+    array of the operation: a GPU array means one call over everything. The first
+    exception raised by any block is re-raised once all threads are done.
+    """
+    if total <= 0:
+        return
+    if is_gpu_array(like):
+        fn(0, total)
+        return
+    per_block = max(1, BLOCK_BYTES // max(1, bytes_per_item))
+    blocks = split_evenly(total, -(-total // per_block))
+    runs = split_evenly(len(blocks), min(current_blas_threads(), len(blocks)))
+
+    def run(first: int, last: int) -> None:
+        for start, stop in blocks[first:last]:
+            fn(start, stop)
+
+    futures = [_pool().submit(run, first, last) for first, last in runs[1:]]
+    try:
+        run(*runs[0])
+    finally:
+        for future in futures:
+            future.exception()  # wait for every thread before anything is raised
+    for future in futures:
+        future.result()

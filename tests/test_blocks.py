@@ -1,0 +1,118 @@
+"""Cache-sized blocks over threads (dtrain.nn.blocks) and the batch-last layout (dtrain.nn.layout)."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from threadpoolctl import threadpool_limits
+
+from dtrain.nn import AvgPool2d, Conv2d, MaxPool2d, ReLU
+from dtrain.nn import blocks
+from dtrain.nn.blocks import for_blocks, split_evenly
+from dtrain.nn.layout import as_nchw, batch_last
+from dtrain.nn.workspace import Workspace
+from layer_checks import assert_matches_torch
+
+
+@pytest.mark.parametrize("total,parts", [(0, 1), (1, 3), (7, 2), (10, 5), (13, 4)])
+def test_split_evenly_covers_the_range_in_order(total, parts):
+    ranges = split_evenly(total, parts)
+    assert len(ranges) == parts
+    assert [i for start, stop in ranges for i in range(start, stop)] == list(range(total))
+    sizes = [stop - start for start, stop in ranges]
+    assert max(sizes) - min(sizes) <= 1
+
+
+@pytest.mark.parametrize("total,bytes_per_item", [(1, 10), (5, 1 << 30), (97, 1000), (1000, 8)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_for_blocks_calls_every_item_exactly_once(total, bytes_per_item, threads, monkeypatch):
+    monkeypatch.setattr(blocks, "BLOCK_BYTES", 4096)
+    seen = np.zeros(total, dtype=int)
+    calls = []
+    lock = threading.Lock()
+
+    def fn(start, stop):
+        with lock:
+            calls.append((start, stop))
+        seen[start:stop] += 1
+
+    with threadpool_limits(limits=threads, user_api="blas"):
+        for_blocks(fn, total, bytes_per_item, np.zeros(1))
+    assert (seen == 1).all()
+    per_block = max(1, 4096 // bytes_per_item)
+    assert all(0 < stop - start <= per_block for start, stop in calls)
+
+
+def test_for_blocks_uses_the_thread_budget(monkeypatch):
+    monkeypatch.setattr(blocks, "BLOCK_BYTES", 8)
+    names = set()
+    barrier = threading.Barrier(2, timeout=10)  # both runs must be in flight at once
+
+    def fn(start, stop):
+        names.add(threading.current_thread().name)
+        if start in (0, 4):
+            barrier.wait()
+
+    with threadpool_limits(limits=2, user_api="blas"):
+        for_blocks(fn, 8, 8, np.zeros(1))
+    assert len(names) == 2
+
+
+def test_for_blocks_reraises_a_block_error_after_all_blocks_finish(monkeypatch):
+    monkeypatch.setattr(blocks, "BLOCK_BYTES", 8)
+    done = []
+
+    def fn(start, stop):
+        if start == 5:
+            raise ValueError("block 5 failed")
+        done.append(start)
+
+    with threadpool_limits(limits=2, user_api="blas"), pytest.raises(ValueError, match="block 5 failed"):
+        for_blocks(fn, 10, 8, np.zeros(1))
+    assert 9 in done or 0 in done
+
+
+def test_batch_last_is_a_view_when_the_memory_already_is_batch_last(rng):
+    x = rng.normal(size=(3, 4, 5, 2))  # (C, H, W, N)
+    nchw = as_nchw(x)
+    assert nchw.shape == (2, 3, 4, 5)
+    assert np.shares_memory(batch_last(nchw, Workspace(), "b"), x)
+    plain = np.ascontiguousarray(nchw)
+    copied = batch_last(plain, Workspace(), "b")
+    assert not np.shares_memory(copied, plain)
+    np.testing.assert_array_equal(copied, x)
+
+
+# Tiny blocks and two threads: every layer's loops run over many channel blocks in both threads.
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: (Conv2d(6, 5, 3, stride=2, padding=1, dtype=np.float64), torch.nn.Conv2d(6, 5, 3, stride=2, padding=1)),
+        lambda: (Conv2d(6, 4, (2, 3), padding=(0, 2), dtype=np.float64), torch.nn.Conv2d(6, 4, (2, 3), padding=(0, 2))),
+        lambda: (MaxPool2d(3, 2, padding=1), torch.nn.MaxPool2d(3, 2, padding=1)),
+        lambda: (AvgPool2d(2, padding=1), torch.nn.AvgPool2d(2, padding=1)),
+    ],
+    ids=["conv-s2-p1", "conv-rect", "maxpool-p1", "avgpool-p1"],
+)
+@pytest.mark.parametrize("layout", ["nchw", "batch_last"])
+def test_layers_in_small_blocks_on_two_threads_match_torch(make, layout, rng, monkeypatch):
+    monkeypatch.setattr(blocks, "BLOCK_BYTES", 64)
+    layer, torch_layer = make()
+    x = rng.normal(size=(3, 6, 7, 8))
+    if layout == "batch_last":  # as the previous Conv2d or pooling layer hands it on
+        x = as_nchw(np.ascontiguousarray(x.transpose(1, 2, 3, 0)))
+    with threadpool_limits(limits=2, user_api="blas"):
+        assert_matches_torch(layer, torch_layer, x, np, rng)
+
+
+def test_a_conv_stack_passes_batch_last_memory_along(rng):
+    conv1, relu, pool, conv2 = Conv2d(2, 4, 3, padding=1), ReLU(), MaxPool2d(2), Conv2d(4, 3, 3)
+    x = rng.normal(size=(5, 2, 8, 8)).astype(np.float32)
+    a = conv1.forward(x)
+    assert a.transpose(1, 2, 3, 0).flags.c_contiguous  # no copy back to NCHW
+    b = pool.forward(relu.forward(a))
+    assert b.transpose(1, 2, 3, 0).flags.c_contiguous
+    y = conv2.forward(b)
+    assert y.shape == (5, 3, 2, 2)

@@ -1,0 +1,66 @@
+"""The benchmark scripts run end to end on tiny settings and print their tables (no timings are judged)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mpirun_helper import launch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_script(name: str, *args: str, timeout: float = 240) -> str:
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def table_row(output: str, first: str) -> list[str]:
+    rows = [line.split() for line in output.splitlines() if line.split()[:1] == [first]]
+    assert rows, f"no row starting with {first!r} in:\n{output}"
+    return rows[0]
+
+
+def test_bench_prints_throughput_and_ratio():
+    out = run_script("bench.py", "--model", "lenet,simple_cnn", "--batch", "8", "--steps", "1", "--rounds", "1",
+                     "--threads", "1")
+    for model in ("lenet", "simple_cnn"):
+        dtrain, torch_, ratio = map(float, table_row(out, model)[1:4])
+        assert dtrain > 0 and torch_ > 0 and ratio == pytest.approx(dtrain / torch_, abs=0.01)
+
+
+def test_bench_memory_measures_each_framework_in_its_own_process():
+    out = run_script("bench.py", "--model", "lenet", "--batch", "8", "--steps", "1", "--threads", "1", "--memory")
+    rows = [line.split() for line in out.splitlines() if line.startswith("lenet ")]
+    frameworks = {row[1]: list(map(float, row[2:5])) for row in rows if row[1] in ("dtrain", "torch")}
+    assert set(frameworks) == {"dtrain", "torch"}
+    for imports, peak, training in frameworks.values():
+        assert peak >= imports and training == pytest.approx(peak - imports, abs=1)
+    assert "training memory dtrain / torch" in out
+
+
+def test_bench_memory_refuses_gpu():
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--memory", "--device", "gpu"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--device cpu" in proc.stderr
+
+
+def test_bench_layers_prints_a_ratio_per_layer():
+    out = run_script("bench_layers.py", "--batch", "2", "--reps", "1", "--warmup", "0", "--threads", "1",
+                     "--layers", "conv2,pool1,fc7")
+    for layer in ("conv2", "pool1", "fc7"):
+        assert len(table_row(out, layer)) >= 4
+
+
+def test_bench_allreduce_reports_bus_bandwidth_on_two_ranks():
+    result = launch(["-n", "2", sys.executable, str(ROOT / "scripts" / "bench_allreduce.py"), "--sizes-mib", "1,2",
+                     "--reps", "2", "--warmup", "1", "--no-torch"], timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.output
+    assert "busbw" in result.stdout
+    for size in ("1", "2"):
+        time_ms, algbw, busbw = map(float, table_row(result.stdout, size)[1:4])
+        assert time_ms > 0 and busbw == pytest.approx(algbw, rel=0.02)  # 2 ranks: busbw = algbw * 2(n-1)/n
