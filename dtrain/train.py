@@ -23,7 +23,7 @@ from dtrain.backend import resolve_device, to_host, xp_for
 from dtrain.checkpoint import CheckpointManager, find_latest_run_checkpoint, load_checkpoint
 from dtrain.data import Batch, DataLoader, Dataset, DatasetUnavailable, load_dataset, shard_indices
 from dtrain.dist import Communicator, make_communicator
-from dtrain.dist.buckets import GradientReducer
+from dtrain.dist.buckets import GradientReducer, resolve_overlap
 from dtrain.dist.guard import install_abort_on_exception
 from dtrain.dist.ordered import OrderedChainReducer
 from dtrain.dist.sync import broadcast_parameters, check_consistency, make_stats_reducer
@@ -70,7 +70,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Execute ``cfg.trainer.mode`` (train, eval or predict); returns the summary dict."""
     device = resolve_device(cfg.device)
     comm = make_communicator(cfg.parallel.backend, device, timeout_s=cfg.parallel.timeout_s,
-                             devices_per_rank=cfg.parallel.devices_per_rank)
+                             devices_per_rank=cfg.parallel.devices_per_rank,
+                             mpi_piece_bytes=int(cfg.parallel.mpi_piece_mb * 2**20))
     install_abort_on_exception(comm)
     limit_blas_threads(cfg.threads, comm.size)
     devices = row_partition_devices(cfg.parallel, comm.local_rank, device)
@@ -350,6 +351,7 @@ def _make_schedule(cfg: DictConfig, total_steps: int) -> LRSchedule:
 def _make_reducer(r: Run, flat: FlatParameters) -> tuple[GradientReducer | None, OrderedChainReducer | None]:
     """The gradient averaging strategy: bucketed all-reduce, or the deterministic chain."""
     p, comm = r.cfg.parallel, r.comm
+    overlap = resolve_overlap(p.overlap, comm.name)  # checked in a world of one too
     if p.deterministic:
         if r.cfg.trainer.batch_size % p.deterministic_chunks:
             raise ValueError(
@@ -360,7 +362,7 @@ def _make_reducer(r: Run, flat: FlatParameters) -> tuple[GradientReducer | None,
         return None, OrderedChainReducer(flat, comm, p.deterministic_chunks)
     if comm.size == 1:
         return None, None
-    return GradientReducer(flat, comm, r.model, bucket_bytes=int(p.bucket_mb * 2**20), overlap=p.overlap), None
+    return GradientReducer(flat, comm, r.model, bucket_bytes=int(p.bucket_mb * 2**20), overlap=overlap), None
 
 
 def _compute_gradients(r: Run, batch: Batch, loss_fn: SoftmaxCrossEntropy, reducer: GradientReducer | None,

@@ -5,7 +5,9 @@
 Runs ``mpirun -n R python -m dtrain`` on synthetic data with the same per-rank batch and
 ``threads=1`` (one BLAS thread per rank), reads each run's ``summary.json`` and prints
 images/s, scaling efficiency (images/s with R ranks / (R x images/s with 1 rank)) and the
-share of the step spent waiting on gradient communication. The first two steps (start-up,
+share of the step spent waiting on gradient communication, with the mean forward, backward
+(where overlapped reductions are driven), communication-wait and optimizer ms per step
+(from each run's ``summary.json``, rank 0). The first two steps (start-up,
 workspace allocation) count in the figures, so use enough steps to amortize them.
 """
 from __future__ import annotations
@@ -31,7 +33,7 @@ def mpirun() -> str:
 
 
 def run(ranks: int, args: argparse.Namespace, overlap: bool, out: Path) -> dict:
-    run_dir = out / f"r{ranks}-overlap{int(overlap)}"
+    run_dir = Path(tempfile.mkdtemp(prefix=f"r{ranks}-overlap{int(overlap)}-", dir=out))
     env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
     cmd = [mpirun(), "--oversubscribe", "--bind-to", "none", "-n", str(ranks), sys.executable, "-m", "dtrain",
            f"model={args.model}", "data=synthetic", f"data.train_size={args.per_rank_batch * ranks * args.steps}",
@@ -50,19 +52,29 @@ def main() -> None:
     ap.add_argument("--per-rank-batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--bucket-mb", type=float, default=25)
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each configuration, interleaved; the median counts")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args()
+    configs = [(1, False), (args.ranks, True), (args.ranks, False)]
     with tempfile.TemporaryDirectory() as tmp:
-        base = run(1, args, True, Path(tmp))
-        print(f"{args.model}, per-rank batch {args.per_rank_batch}, 1 BLAS thread per rank, {args.steps} steps, "
-              f"synthetic data, CPU")
-        print(f"{'ranks':>5} {'overlap':>8} {'img/s':>9} {'efficiency':>11} {'comm wait':>10} {'step ms':>9}")
-        rows = [(1, True, base)] + [(args.ranks, ov, run(args.ranks, args, ov, Path(tmp))) for ov in (True, False)]
-        for ranks, overlap, s in rows:
-            eff = s["images_per_sec"] / (ranks * base["images_per_sec"])
-            pb = s["phase_breakdown"]
-            print(f"{ranks:>5} {str(overlap):>8} {s['images_per_sec']:>9.1f} {eff:>10.1%} "
-                  f"{pb['phases']['comm']['share_pct']:>9.1f}% {pb['step_ms']:>9.1f}")
+        runs: dict[tuple[int, bool], list[dict]] = {c: [] for c in configs}
+        for _ in range(args.repeats):
+            for ranks, overlap in configs:
+                runs[(ranks, overlap)].append(run(ranks, args, overlap, Path(tmp)))
+    median = {c: sorted(rs, key=lambda s: s["images_per_sec"])[len(rs) // 2] for c, rs in runs.items()}
+    base = median[(1, False)]["images_per_sec"]
+    print(f"{args.model}, per-rank batch {args.per_rank_batch}, 1 BLAS thread per rank, {args.steps} steps, "
+          f"synthetic data, CPU; median run of {args.repeats}")
+    print(f"{'ranks':>5} {'overlap':>8} {'img/s':>9} {'efficiency':>11} {'comm wait':>10} {'step ms':>9}"
+          f" {'fwd ms':>8} {'bwd ms':>8} {'comm ms':>8} {'opt ms':>8}  all runs img/s")
+    for (ranks, overlap), s in median.items():
+        eff = s["images_per_sec"] / (ranks * base)
+        pb = s["phase_breakdown"]
+        ms = [pb["phases"][name]["ms_per_step"] for name in ("forward", "backward", "comm", "optimizer")]
+        every = ", ".join(f"{r['images_per_sec']:.1f}" for r in runs[(ranks, overlap)])
+        print(f"{ranks:>5} {str(overlap) if ranks > 1 else '-':>8} {s['images_per_sec']:>9.1f} {eff:>10.1%} "
+              f"{pb['phases']['comm']['share_pct']:>9.1f}% {pb['step_ms']:>9.1f}"
+              + "".join(f" {v:>8.1f}" for v in ms) + f"  {every}")
 
 
 if __name__ == "__main__":

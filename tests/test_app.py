@@ -42,6 +42,12 @@ def test_unknown_key_fails_with_hydra_error(tmp_path):
     assert "Could not override 'trainer.epoch'" in proc.stderr
 
 
+def test_a_bad_overlap_value_is_named(tmp_path):
+    proc = dtrain(tmp_path, *FAST, "trainer.max_steps=1", "parallel.overlap=sometimes", check=False)
+    assert proc.returncode != 0
+    assert "parallel.overlap must be true, false or auto; got 'sometimes'" in proc.stdout + proc.stderr
+
+
 def test_train_writes_summary_checkpoint_and_tensorboard(tmp_path):
     dtrain(tmp_path, *FAST, "trainer.epochs=3", "optim.lr=0.05")
     (run,) = run_dirs(tmp_path)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from mpirun_helper import SCRIPTS, assert_ok, run_mpi
 
-from dtrain.dist.buckets import GradientReducer, plan_buckets
+from dtrain.dist.buckets import GradientReducer, plan_buckets, resolve_overlap
 from dtrain.dist.single import SingleCommunicator
 from dtrain.nn.flat import FlatParameters
 from dtrain.nn.module import Sequential
@@ -78,6 +78,20 @@ def test_no_overlap_and_deterministic_reduce_only_in_finish():
         m.backward(np.zeros(1, dtype=np.float32))
         m.backward(np.zeros(1, dtype=np.float32))  # no hook work: accumulating passes are fine
     assert len(plain.finish().buckets) == len(plain.buckets)
+
+
+@pytest.mark.parametrize("setting, backend, expected", [
+    ("auto", "nccl", True), ("auto", "mpi", False), ("auto", "single", False),
+    (True, "mpi", True), (False, "nccl", False),
+])
+def test_overlap_auto_is_on_for_nccl_only(setting, backend, expected):
+    assert resolve_overlap(setting, backend) is expected
+
+
+@pytest.mark.parametrize("setting", ["yes", "on", 1, None])
+def test_a_bad_overlap_setting_is_named(setting):
+    with pytest.raises(ValueError, match="parallel.overlap must be true, false or auto"):
+        resolve_overlap(setting, "mpi")
 
 
 def test_bad_arguments_are_named():

@@ -40,6 +40,12 @@ def test_bad_backend_or_device_is_named(backend, device, match):
         make_communicator(backend, device)
 
 
+@pytest.mark.parametrize("piece", [-1, 2.5, True])
+def test_a_bad_mpi_piece_size_is_named_before_mpi_starts(piece):
+    with pytest.raises(ValueError, match="parallel.mpi_piece_mb"):
+        make_communicator("mpi", "cpu", mpi_piece_bytes=piece)
+
+
 def test_single_collectives_are_identity_but_validate(no_launcher):
     comm = make_communicator("single", "cpu", timeout_s=5)
     buf = np.arange(10, dtype=np.float32)

@@ -6,11 +6,13 @@ import tracemalloc
 import numpy as np
 import pytest
 import torch
+from threadpoolctl import threadpool_limits
 
 from dtrain.backend import to_host
 from dtrain.nn.flat import FlatParameters
 from dtrain.nn.module import Module, Sequential
 from dtrain.optim import OPTIMIZERS, SGD, Adam, AdamW, RMSprop, build_optimizer
+from dtrain.optim import base as optim_base
 
 SHAPES = [[(4, 3), (3,)], [(2, 3, 5), (1,), (7,)]]
 STEPS = 12
@@ -131,6 +133,14 @@ def test_matches_torch_float64(xp, kind, lr, options):
 )
 def test_matches_torch_float32(xp, kind, lr, options):
     run_against_torch(xp, np.float32, kind, lr, options, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind, lr, options", CASES, ids=[f"{k}-{o}" for k, _, o in CASES])
+def test_matches_torch_in_tiny_blocks_on_two_threads(kind, lr, options, monkeypatch):
+    # Blocks of one or two elements: every slice of every state buffer must line up.
+    monkeypatch.setattr(optim_base, "UPDATE_BLOCK_BYTES", 64)
+    with threadpool_limits(limits=2, user_api="blas"):
+        run_against_torch(np, np.float64, kind, lr, options, rtol=1e-12)
 
 
 def test_adamw_is_decoupled_adam():

@@ -19,7 +19,7 @@ __all__ = ["BACKENDS", "Communicator", "Handle", "make_communicator"]
 
 
 def make_communicator(backend: str = "auto", device: str = "cpu", timeout_s: float | None = None,
-                      devices_per_rank: int = 1) -> Communicator:
+                      devices_per_rank: int = 1, mpi_piece_bytes: int | None = None) -> Communicator:
     """The communicator for ``backend`` on ``device`` (``cpu`` or ``gpu``).
 
     ``auto`` means ``single`` when the process was not started by an MPI launcher, else
@@ -27,6 +27,7 @@ def make_communicator(backend: str = "auto", device: str = "cpu", timeout_s: flo
     reductions (None: no limit); see :class:`dtrain.dist.guard.CollectiveWatchdog`.
     ``devices_per_rank`` > 1 (hybrid data + row parallelism on GPUs): node-local rank
     ``r`` owns GPUs ``r*K .. r*K+K-1`` and communicates from the first of them.
+    ``mpi_piece_bytes``: the MPI backend's all-reduce piece size (None: its default; 0: whole buffers).
     """
     if backend not in BACKENDS:
         raise ValueError(f"parallel backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
@@ -54,9 +55,10 @@ def make_communicator(backend: str = "auto", device: str = "cpu", timeout_s: flo
             f"(or run one process without mpirun and backend=single)"
         ) from exc
     if backend == "mpi":
-        from dtrain.dist.mpi import MpiCommunicator
+        from dtrain.dist.mpi import DEFAULT_PIECE_BYTES, MpiCommunicator
 
-        return MpiCommunicator(timeout_s=timeout_s)
+        piece = DEFAULT_PIECE_BYTES if mpi_piece_bytes is None else mpi_piece_bytes
+        return MpiCommunicator(timeout_s=timeout_s, piece_bytes=piece)
     from dtrain.dist.nccl import NcclCommunicator
 
     return NcclCommunicator(timeout_s=timeout_s, devices_per_rank=devices_per_rank)

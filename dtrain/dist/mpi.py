@@ -5,6 +5,11 @@ duplicate of ``COMM_WORLD`` so its traffic never matches messages of other MPI u
 the same process. ``iallreduce`` is ``MPI_Iallreduce``: Open MPI progresses it only
 while some MPI call runs, so callers that want overlap poke it with ``Handle.test()``
 (the gradient reducer does so after every layer's backward).
+
+All-reduces of large buffers go out in pieces of at most ``piece_bytes`` (default
+8 MiB), one collective each: on shared memory, Open MPI's algorithm for messages of
+32 MiB and more ran at a third of the bandwidth it reaches on 2-16 MiB messages here
+(2 ranks, AlexNet's 99 MB gradient: 64 ms whole, 22 ms in 8 MiB pieces).
 """
 from __future__ import annotations
 
@@ -31,25 +36,30 @@ def _mpi_types(MPI: Any) -> dict[np.dtype, Any]:
     }
 
 
-class MpiHandle(Handle):
-    """An ``MPI_Iallreduce`` in flight; ``wait`` completes it and applies the mean's division."""
+DEFAULT_PIECE_BYTES = 8 * 2**20
 
-    def __init__(self, request: Any, buf: np.ndarray, divisor: int | None) -> None:
-        self._request = request
+
+class MpiHandle(Handle):
+    """The ``MPI_Iallreduce`` of each piece of a buffer, in flight; ``wait`` completes them
+    and applies the mean's division."""
+
+    def __init__(self, MPI: Any, requests: list[Any], buf: np.ndarray, divisor: int | None) -> None:
+        self._Request = MPI.Request
+        self._requests = requests
         self._buf: np.ndarray | None = buf  # kept alive until the operation completes
         self._divisor = divisor
 
     def test(self) -> bool:
         if self._buf is None:
             return True
-        if self._request.Test():
+        if self._Request.Testall(self._requests):
             self._complete()
             return True
         return False
 
     def wait(self) -> None:
         if self._buf is not None:
-            self._request.Wait()
+            self._Request.Waitall(self._requests)
             self._complete()
 
     def _complete(self) -> None:
@@ -61,14 +71,20 @@ class MpiHandle(Handle):
 class MpiCommunicator(Communicator):
     """Collectives over MPI on host (NumPy) arrays, one process per CPU worker.
 
-    ``allreduce`` is the blocking ``MPI_Allreduce``; ``iallreduce`` the non-blocking one.
-    ``local_size`` is the number of ranks on this node.
+    ``allreduce`` is the blocking ``MPI_Allreduce``; ``iallreduce`` the non-blocking one;
+    both reduce a buffer in pieces of at most ``piece_bytes`` (0: whole). ``local_size``
+    is the number of ranks on this node.
     """
 
     name = "mpi"
 
-    def __init__(self, timeout_s: float | None = None) -> None:
-        from mpi4py import MPI
+    def __init__(self, timeout_s: float | None = None, piece_bytes: int = DEFAULT_PIECE_BYTES) -> None:
+        if isinstance(piece_bytes, bool) or not isinstance(piece_bytes, int) or piece_bytes < 0:
+            raise ValueError(f"MpiCommunicator: piece_bytes must be an int >= 0 (0: whole buffers), got {piece_bytes!r}; "
+                             f"set parallel.mpi_piece_mb >= 0")
+        from mpi4py import MPI  # initializes MPI: only once the arguments are known to be good
+
+        self.piece_bytes = piece_bytes
 
         self._MPI = MPI
         world = MPI.COMM_WORLD
@@ -94,16 +110,23 @@ class MpiCommunicator(Communicator):
             raise TypeError(f"mpi {what}: dtype {buf.dtype} is not supported; use one of {supported}")
         return [buf, mpi_type]
 
+    def _pieces(self, buf: np.ndarray) -> list[list[Any]]:
+        """``[piece, MPI datatype]`` for consecutive pieces of ``buf`` of at most ``piece_bytes``."""
+        mpi_type = self._types[buf.dtype]
+        step = max(1, self.piece_bytes // buf.itemsize) if self.piece_bytes else max(1, buf.size)
+        return [[buf[start:start + step], mpi_type] for start in range(0, buf.size, step)]
+
     def iallreduce(self, buf: Array, op: str = "sum") -> Handle:
-        spec = self._typed(buf, "allreduce")
+        self._typed(buf, "allreduce")
         self.check_op(op, buf)
-        request = self._comm.Iallreduce(self._MPI.IN_PLACE, spec, op=self._MPI.SUM)
-        return MpiHandle(request, buf, self.size if op == "mean" else None)
+        requests = [self._comm.Iallreduce(self._MPI.IN_PLACE, piece, op=self._MPI.SUM) for piece in self._pieces(buf)]
+        return MpiHandle(self._MPI, requests, buf, self.size if op == "mean" else None)
 
     def allreduce(self, buf: Array, op: str = "sum") -> None:
-        spec = self._typed(buf, "allreduce")
+        self._typed(buf, "allreduce")
         self.check_op(op, buf)
-        self._comm.Allreduce(self._MPI.IN_PLACE, spec, op=self._MPI.SUM)
+        for piece in self._pieces(buf):
+            self._comm.Allreduce(self._MPI.IN_PLACE, piece, op=self._MPI.SUM)
         if op == "mean":
             buf /= self.size
 

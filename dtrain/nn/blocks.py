@@ -45,10 +45,12 @@ def split_evenly(total: int, parts: int) -> list[tuple[int, int]]:
     return [(total * p // parts, total * (p + 1) // parts) for p in range(parts)]
 
 
-def for_blocks(fn: Callable[[int, int], None], total: int, bytes_per_item: int, like: Any) -> None:
+def for_blocks(fn: Callable[[int, int], None], total: int, bytes_per_item: int, like: Any,
+               block_bytes: int | None = None) -> None:
     """Call ``fn(start, stop)`` on consecutive ranges that cover ``0 .. total`` once.
 
-    Each range spans about :data:`BLOCK_BYTES` / ``bytes_per_item`` items (at least one);
+    Each range spans about ``block_bytes`` (default :data:`BLOCK_BYTES`) / ``bytes_per_item``
+    items (at least one);
     the ranges are shared out over the thread budget in contiguous runs, the calling
     thread taking the first. ``fn`` must only write what its range owns. ``like`` is an
     array of the operation: a GPU array means one call over everything. The first
@@ -59,7 +61,7 @@ def for_blocks(fn: Callable[[int, int], None], total: int, bytes_per_item: int, 
     if is_gpu_array(like):
         fn(0, total)
         return
-    per_block = max(1, BLOCK_BYTES // max(1, bytes_per_item))
+    per_block = max(1, (block_bytes or BLOCK_BYTES) // max(1, bytes_per_item))
     blocks = split_evenly(total, -(-total // per_block))
     runs = split_evenly(len(blocks), min(current_blas_threads(), len(blocks)))
 

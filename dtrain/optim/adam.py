@@ -45,16 +45,20 @@ class Adam(Optimizer):
     def _state_names(self) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq")
 
-    def _update(self, p: Array, g: Array, t: int) -> None:
+    def _adds_decay_to_grad(self) -> bool:
+        return self.weight_decay != 0 and not self.decoupled  # AdamW shrinks the parameters instead
+
+    def _update(self, p: Array, g: Array, state: dict[str, Array], tmp: Array, decayed: Array | None,
+                t: int) -> None:
         xp = get_array_module(p)
         beta1, beta2 = self.betas
-        m, v, tmp = self.state["exp_avg"], self.state["exp_avg_sq"], self._tmp
+        m, v = state["exp_avg"], state["exp_avg_sq"]
         if self.decoupled:
             if self.weight_decay != 0:
                 p *= 1.0 - self.lr * self.weight_decay
             d = g
         else:
-            d = self._decayed_grad(p, g)
+            d = self._decayed_grad(p, g, decayed)
         xp.subtract(d, m, out=tmp)
         tmp *= 1.0 - beta1
         m += tmp

@@ -2,10 +2,17 @@
 
 An optimizer owns state buffers shaped like the flat parameter buffer (momentum,
 moment estimates, ...) and a scratch buffer, all allocated once, so ``step()`` runs a
-fixed handful of in-place array operations over the full buffer with no per-layer loop
-and no per-step allocation. The update rules reproduce ``torch.optim`` exactly (same
+fixed handful of in-place array operations over the buffer with no per-layer loop and
+no per-step allocation. The update rules reproduce ``torch.optim`` exactly (same
 formulas, same operation order), so a dtrain run and a PyTorch run fed the same
 gradients follow the same trajectory.
+
+On the CPU the chain of operations runs on blocks of the buffer spread over the thread
+budget (:func:`dtrain.nn.blocks.for_blocks`), each block small enough for its slices of
+every buffer to stay in cache between operations: over AlexNet's 24.7M parameters,
+Adam took 144 ms as whole-buffer operations, 77 ms in blocks on one thread and 50 ms on
+two (measured here). Every element still sees the same operations, so the result is
+bitwise the same.
 """
 from __future__ import annotations
 
@@ -15,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from dtrain.backend import get_array_module, to_host
+from dtrain.nn.blocks import for_blocks
 from dtrain.nn.flat import FlatParameters
 from dtrain.nn.module import Array
 
@@ -37,6 +45,12 @@ def check_bool(owner: str, name: str, value: Any) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise ValueError(f"{owner}: {name} must be true or false, got {value!r}")
     return bool(value)
+
+
+# Bytes of all buffers one block of the update touches: a few MB, inside the shared L3
+# cache for each thread's block. Smaller blocks lose to the per-call cost of the ~10
+# array operations (blocks of 16K elements were no faster than whole buffers).
+UPDATE_BLOCK_BYTES = 5 * 2**20
 
 
 class Optimizer:
@@ -76,8 +90,14 @@ class Optimizer:
         """Names of the state buffers the current hyperparameters need."""
         raise NotImplementedError
 
-    def _update(self, p: Array, g: Array, t: int) -> None:
-        """Update ``p`` in place from gradient ``g`` at step ``t`` (1 on the first step)."""
+    def _update(self, p: Array, g: Array, state: dict[str, Array], tmp: Array, decayed: Array | None,
+                t: int) -> None:
+        """Update ``p`` in place from gradient ``g`` at step ``t`` (1 on the first step).
+
+        ``p``, ``g`` and the ``state`` buffers are matching slices of the flat buffers;
+        ``tmp`` a scratch slice as long, and ``decayed`` another one when weight decay is
+        on (for :meth:`_decayed_grad`), else None.
+        """
         raise NotImplementedError
 
     # -- public API -------------------------------------------------------------------
@@ -92,7 +112,19 @@ class Optimizer:
     def step(self) -> None:
         """Apply one update to the whole flat parameter buffer from the flat gradient buffer."""
         self.step_count += 1
-        self._update(self.flat.params, self.flat.grads, self.step_count)
+        t, p, g = self.step_count, self.flat.params, self.flat.grads
+        adds_decay = self._adds_decay_to_grad()
+        if adds_decay and self._decayed is None:  # allocated once, when weight decay is first on
+            self._decayed = self._zeros()
+        decayed = self._decayed if adds_decay else None
+
+        def update(start: int, stop: int) -> None:
+            part = slice(start, stop)
+            self._update(p[part], g[part], {name: buf[part] for name, buf in self.state.items()}, self._tmp[part],
+                         None if decayed is None else decayed[part], t)
+
+        buffers = 3 + len(self.state) + (decayed is not None)
+        for_blocks(update, p.size, buffers * p.itemsize, p, block_bytes=UPDATE_BLOCK_BYTES)
 
     def hyperparameters(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.hyperparameter_names}
@@ -143,16 +175,18 @@ class Optimizer:
     def _zeros(self) -> Array:
         return get_array_module(self.flat.params).zeros_like(self.flat.params)
 
-    def _decayed_grad(self, p: Array, g: Array) -> Array:
-        """``g + weight_decay * p`` in a scratch buffer (``g`` itself when there is no weight decay)."""
+    def _adds_decay_to_grad(self) -> bool:
+        """Whether :meth:`_update` calls :meth:`_decayed_grad` with a scratch buffer (L2 weight decay on)."""
+        return self.weight_decay != 0
+
+    def _decayed_grad(self, p: Array, g: Array, decayed: Array | None) -> Array:
+        """``g + weight_decay * p`` in the scratch ``decayed`` (``g`` itself when there is no weight decay)."""
         if self.weight_decay == 0:
             return g
-        if self._decayed is None:  # allocated once, the first time weight decay is in use
-            self._decayed = self._zeros()
         xp = get_array_module(p)
-        xp.multiply(p, self.weight_decay, out=self._decayed)
-        self._decayed += g
-        return self._decayed
+        xp.multiply(p, self.weight_decay, out=decayed)
+        decayed += g
+        return decayed
 
     def _set_hyperparameters(self, hyper: dict[str, Any]) -> None:
         """Set and validate ``hyper``; on a bad value keep the current ones and re-raise."""

@@ -42,16 +42,17 @@ class RMSprop(Optimizer):
             names += ("momentum_buffer",)
         return names
 
-    def _update(self, p: Array, g: Array, t: int) -> None:
+    def _update(self, p: Array, g: Array, state: dict[str, Array], tmp: Array, decayed: Array | None,
+                t: int) -> None:
         xp = get_array_module(p)
-        v, tmp = self.state["square_avg"], self._tmp
-        d = self._decayed_grad(p, g)
+        v = state["square_avg"]
+        d = self._decayed_grad(p, g, decayed)
         v *= self.alpha
         xp.multiply(d, d, out=tmp)
         tmp *= 1.0 - self.alpha
         v += tmp
         if self.centered:
-            a = self.state["grad_avg"]
+            a = state["grad_avg"]
             xp.subtract(d, a, out=tmp)
             tmp *= 1.0 - self.alpha
             a += tmp
@@ -63,7 +64,7 @@ class RMSprop(Optimizer):
         tmp += self.eps
         xp.divide(d, tmp, out=tmp)
         if self.momentum != 0:
-            buf = self.state["momentum_buffer"]
+            buf = state["momentum_buffer"]
             buf *= self.momentum
             buf += tmp
             xp.multiply(buf, self.lr, out=tmp)

@@ -39,23 +39,24 @@ class SGD(Optimizer):
     def _state_names(self) -> tuple[str, ...]:
         return ("momentum_buffer",) if self.momentum != 0 else ()
 
-    def _update(self, p: Array, g: Array, t: int) -> None:
+    def _update(self, p: Array, g: Array, state: dict[str, Array], tmp: Array, decayed: Array | None,
+                t: int) -> None:
         xp = get_array_module(p)
-        d = self._decayed_grad(p, g)
+        d = self._decayed_grad(p, g, decayed)
         direction = d
         if self.momentum != 0:
-            buf = self.state["momentum_buffer"]
+            buf = state["momentum_buffer"]
             if t == 1:
                 buf[...] = d
             else:
                 buf *= self.momentum
-                xp.multiply(d, 1.0 - self.dampening, out=self._tmp)
-                buf += self._tmp
+                xp.multiply(d, 1.0 - self.dampening, out=tmp)
+                buf += tmp
             if self.nesterov:
-                xp.multiply(buf, self.momentum, out=self._tmp)
-                self._tmp += d
-                direction = self._tmp
+                xp.multiply(buf, self.momentum, out=tmp)
+                tmp += d
+                direction = tmp
             else:
                 direction = buf
-        xp.multiply(direction, self.lr, out=self._tmp)
-        p -= self._tmp
+        xp.multiply(direction, self.lr, out=tmp)
+        p -= tmp

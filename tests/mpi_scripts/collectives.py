@@ -38,6 +38,26 @@ np.testing.assert_array_equal(big[5000:9000], np.float32((triangle + size) / siz
 for untouched in (big[:100], big[4100:5000], big[9000:]):
     np.testing.assert_array_equal(untouched, rank + 1)
 
+# large buffers go out in pieces (here of 1000 bytes: 250 float32, the last one shorter),
+# blocking and non-blocking alike; a world of pieces reduces exactly like a whole buffer
+assert comm.piece_bytes == 8 * 2**20, comm.piece_bytes
+comm.piece_bytes = 1000
+for start in (comm.allreduce, lambda b, op: comm.iallreduce(b, op).wait()):
+    buf = np.arange(1001, dtype=np.float32) * (rank + 1)
+    start(buf, "sum")
+    np.testing.assert_array_equal(buf, np.arange(1001, dtype=np.float32) * (triangle + size))
+    handle_buf = np.full(777, float(rank), dtype=np.float64)
+    start(handle_buf, "mean")
+    np.testing.assert_array_equal(handle_buf, triangle / size)
+pending = comm.iallreduce(np.ones(2000, dtype=np.float32), "sum")
+while not pending.test():  # Testall over the pieces' requests
+    pass
+comm.piece_bytes = 0  # whole buffers
+buf = np.ones(3000, dtype=np.int64)
+comm.allreduce(buf, "sum")
+np.testing.assert_array_equal(buf, size)
+comm.piece_bytes = 8 * 2**20
+
 # broadcast from the first and the last rank, into a view
 for root in (0, size - 1):
     buf = np.full(1000, -1.0)
