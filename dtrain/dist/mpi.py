@@ -80,8 +80,8 @@ class MpiCommunicator(Communicator):
 
     def __init__(self, timeout_s: float | None = None, piece_bytes: int = DEFAULT_PIECE_BYTES) -> None:
         if isinstance(piece_bytes, bool) or not isinstance(piece_bytes, int) or piece_bytes < 0:
-            raise ValueError(f"MpiCommunicator: piece_bytes must be an int >= 0 (0: whole buffers), got {piece_bytes!r}; "
-                             f"set parallel.mpi_piece_mb >= 0")
+            raise ValueError(f"MpiCommunicator: piece_bytes must be an int >= 0 (0: whole buffers), got "
+                             f"{piece_bytes!r}; set parallel.mpi_piece_mb >= 0")
         from mpi4py import MPI  # initializes MPI: only once the arguments are known to be good
 
         self.piece_bytes = piece_bytes

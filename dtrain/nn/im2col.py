@@ -24,15 +24,18 @@ Why rows (c, i, j) and columns (oh, ow, n), batch fastest:
 
 Both directions loop over the kh*kw kernel offsets; each step is one strided array copy
 (or add) covering the whole batch and a block of channels (:mod:`dtrain.nn.blocks`).
+On a GPU each direction is instead one CUDA kernel over the same layout
+(:mod:`dtrain.nn.cuda_kernels`).
 """
 from __future__ import annotations
 
 from itertools import product
 from typing import Any, Iterator
 
-from dtrain.backend import get_array_module
+from dtrain.backend import get_array_module, is_gpu_array
+from dtrain.nn import cuda_kernels
 from dtrain.nn.blocks import for_blocks
-from dtrain.nn.layout import as_nchw
+from dtrain.nn.layout import as_nchw, batch_last
 from dtrain.nn.module import Array, Shape
 from dtrain.nn.workspace import Workspace
 
@@ -91,12 +94,14 @@ def im2col(x: Array, kernel: Pair, stride: Pair, padding: Pair, out_hw: Pair, wo
     xp = get_array_module(x)
     n, c, h, w = x.shape
     (ph, pw), (oh, ow) = padding, out_hw
+    cols = workspace.get("cols", (c * kernel[0] * kernel[1], oh * ow * n), x.dtype, xp)
+    if is_gpu_array(x):
+        return cuda_kernels.im2col(batch_last(x, workspace, "im2col_input"), kernel, stride, padding, out_hw, cols)
     source = x.transpose(1, 2, 3, 0)
     padded = source
     if padding != (0, 0) or not source.flags.c_contiguous:
         # Only the interior is ever written, so the zero border from allocation persists.
         padded = workspace.get("im2col_padded", (c, h + 2 * ph, w + 2 * pw, n), x.dtype, xp, fill=0)
-    cols = workspace.get("cols", (c * kernel[0] * kernel[1], oh * ow * n), x.dtype, xp)
     blocks = cols.reshape(c, kernel[0], kernel[1], oh, ow, n)
 
     def copy(start: int, stop: int) -> None:
@@ -120,6 +125,8 @@ def col2im(cols: Array, input_shape: Shape, kernel: Pair, stride: Pair, padding:
     xp = get_array_module(cols)
     n, c, h, w = input_shape
     (ph, pw), (oh, ow) = padding, out_hw
+    if is_gpu_array(cols):
+        return as_nchw(cuda_kernels.col2im(cols, (c, h, w, n), kernel, stride, padding, out_hw))
     grad = xp.zeros((c, h, w, n), dtype=cols.dtype)
     blocks = cols.reshape(c, kernel[0], kernel[1], oh, ow, n)
     parts = []

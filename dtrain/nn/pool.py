@@ -8,7 +8,8 @@ step is one array operation. The loops run on blocks of channels small enough fo
 chain of operations to stay in cache, spread over the thread budget
 (:mod:`dtrain.nn.blocks`). Backward adds each offset's share of the output gradient into
 a zeroed padded array through the same slices, which also sums correctly where windows
-overlap (kernel 3, stride 2).
+overlap (kernel 3, stride 2). On a GPU each pass is one CUDA kernel over the same layout
+(:mod:`dtrain.nn.cuda_kernels`).
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from dtrain.backend import get_array_module
+from dtrain.backend import get_array_module, is_gpu_array
+from dtrain.nn import cuda_kernels
 from dtrain.nn.blocks import for_blocks
 from dtrain.nn.checks import check_rank, pair
 from dtrain.nn.im2col import kernel_offsets, sliding_output_hw, window
@@ -81,8 +83,8 @@ class _Pool2d(Module):
         self._input_shape = tuple(x.shape)
         return oh, ow
 
-    def _start_backward(self, grad_out: Array) -> tuple[Shape, Array, Array]:
-        """The forward's input shape, ``grad_out`` batch-last and a new zeroed (C, Hp, Wp, N) input gradient."""
+    def _start_backward(self, grad_out: Array) -> tuple[Shape, Array]:
+        """The forward's input shape and ``grad_out`` batch-last (C, OH, OW, N); validates ``grad_out``."""
         if self._input_shape is None:
             raise RuntimeError(f"{self!r}: backward needs a forward first (each forward supports one backward)")
         input_shape, self._input_shape = self._input_shape, None
@@ -90,11 +92,18 @@ class _Pool2d(Module):
         got = tuple(getattr(grad_out, "shape", ()))
         if got != expected:
             raise ValueError(f"{self!r}: grad_out has shape {got}, the forward output was {expected}")
-        xp = get_array_module(grad_out)
+        return input_shape, batch_last(grad_out, self._workspace, "grad_out")
+
+    def _zeroed_grad(self, input_shape: Shape, like: Array) -> Array:
+        """A new zeroed (C, Hp, Wp, N) input gradient for the CPU path to add into."""
         n, c, h, w = input_shape
         ph, pw = self.padding
-        grad_in = xp.zeros((c, h + 2 * ph, w + 2 * pw, n), dtype=grad_out.dtype)
-        return input_shape, batch_last(grad_out, self._workspace, "grad_out"), grad_in
+        return get_array_module(like).zeros((c, h + 2 * ph, w + 2 * pw, n), dtype=like.dtype)
+
+    @staticmethod
+    def _chwn(input_shape: Shape) -> Shape:
+        n, c, h, w = input_shape
+        return (c, h, w, n)
 
     def _unpad(self, grad_in: Array, input_shape: Shape) -> Array:
         """The (N, C, H, W) view of the padded gradient's interior (the array is new: no copy needed)."""
@@ -130,6 +139,11 @@ class MaxPool2d(_Pool2d):
         """(N, C, H, W) -> (N, C, OH, OW); remembers which kernel offset won each window."""
         out_hw = self._start_forward(x)
         xp = get_array_module(x)
+        if is_gpu_array(x):
+            source = batch_last(x, self._workspace, "input")
+            argmax = self._argmax((source.shape[0], *out_hw, source.shape[3]), xp)
+            best = cuda_kernels.max_pool_forward(source, self.kernel_size, self.stride, self.padding, out_hw, argmax)
+            return as_nchw(best)
         padded = self._padded_input(x)
         c, n = padded.shape[0], padded.shape[3]
         shape = (c, *out_hw, n)
@@ -157,9 +171,13 @@ class MaxPool2d(_Pool2d):
 
     def backward(self, grad_out: Array) -> Array:
         """(N, C, OH, OW) -> (N, C, H, W): each output's gradient goes to its window's argmax."""
-        input_shape, grad, grad_in = self._start_backward(grad_out)
+        input_shape, grad = self._start_backward(grad_out)
         xp = get_array_module(grad_out)
         argmax = self._argmax(grad.shape, xp)
+        if is_gpu_array(grad):
+            return as_nchw(cuda_kernels.max_pool_backward(grad, argmax, self._chwn(input_shape), self.kernel_size,
+                                                          self.stride, self.padding))
+        grad_in = self._zeroed_grad(input_shape, grad)
         won = self._workspace.get("better", argmax.shape, bool, xp)
         share = self._workspace.get("share", argmax.shape, grad.dtype, xp)
 
@@ -184,6 +202,9 @@ class AvgPool2d(_Pool2d):
         """(N, C, H, W) -> (N, C, OH, OW)."""
         out_hw = self._start_forward(x)
         xp = get_array_module(x)
+        if is_gpu_array(x):
+            source = batch_last(x, self._workspace, "input")
+            return as_nchw(cuda_kernels.avg_pool_forward(source, self.kernel_size, self.stride, self.padding, out_hw))
         padded = self._padded_input(x)
         c, n = padded.shape[0], padded.shape[3]
         total = xp.empty((c, *out_hw, n), dtype=x.dtype)
@@ -202,8 +223,12 @@ class AvgPool2d(_Pool2d):
 
     def backward(self, grad_out: Array) -> Array:
         """(N, C, OH, OW) -> (N, C, H, W): each window input gets grad / (kh*kw)."""
-        input_shape, grad, grad_in = self._start_backward(grad_out)
+        input_shape, grad = self._start_backward(grad_out)
         xp = get_array_module(grad_out)
+        if is_gpu_array(grad):
+            return as_nchw(cuda_kernels.avg_pool_backward(grad, self._chwn(input_shape), self.kernel_size,
+                                                          self.stride, self.padding))
+        grad_in = self._zeroed_grad(input_shape, grad)
         share = self._workspace.get("share", grad.shape, grad.dtype, xp)
 
         def spread(start: int, stop: int) -> None:

@@ -1,0 +1,217 @@
+"""CUDA kernels (CuPy ``ElementwiseKernel``) for im2col, col2im and pooling on the GPU.
+
+The CPU path builds these from kh*kw strided array operations (:mod:`dtrain.nn.im2col`,
+:mod:`dtrain.nn.pool`); on a GPU each of those is a kernel launch over the whole
+array, and max pooling needs four per offset. Here every pass is one kernel in which
+each thread computes one output element from its own indices.
+
+All arrays are in the batch-last (C, H, W, N) order of :mod:`dtrain.nn.layout`, C-contiguous,
+so consecutive threads touch consecutive samples and their loads coalesce. The backward
+kernels *gather* (each input element sums the outputs whose windows contain it, kernel
+offsets in increasing order, like the CPU path) instead of scattering with atomics, so
+results are deterministic.
+
+Indices are 64-bit: a batch-512 column matrix of AlexNet's conv2 has 2e8 elements. CuPy
+compiles each kernel on first use per dtype and caches it on disk.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from dtrain.nn.module import Array
+
+Pair = tuple[int, int]
+
+# The window geometry every kernel takes after its arrays.
+_GEOMETRY = ("int64 C, int64 H, int64 W, int64 N, int64 KH, int64 KW, int64 SH, int64 SW, "
+             "int64 PH, int64 PW, int64 OH, int64 OW")
+
+# Thread i's (c, oh, ow, b) in a (C, OH, OW, N) array.
+_OUTPUT_INDEX = """
+    long long t = i;
+    const long long b = t % N; t /= N;  // the sample (n and i are CuPy's names)
+    const long long ow = t % OW; t /= OW;
+    const long long oh = t % OH;
+    const long long c = t / OH;
+"""
+
+# Thread i's (c, h, w, b) in a (C, H, W, N) array.
+_INPUT_INDEX = """
+    long long t = i;
+    const long long b = t % N; t /= N;  // the sample (n and i are CuPy's names)
+    const long long w = t % W; t /= W;
+    const long long h = t % H;
+    const long long c = t / H;
+"""
+
+# For input (h, w): the outputs (oh, ow) whose window has it at offset (ki, kj); runs BODY for
+# each, offsets in increasing order. Output oh covers padded rows oh*SH .. oh*SH+KH-1.
+_FOR_EACH_COVERING_OUTPUT = """
+    for (long long ki = 0; ki < KH; ++ki) {{
+        const long long hh = h + PH - ki;
+        if (hh < 0 || hh % SH != 0 || hh / SH >= OH) continue;
+        const long long oh = hh / SH;
+        for (long long kj = 0; kj < KW; ++kj) {{
+            const long long ww = w + PW - kj;
+            if (ww < 0 || ww % SW != 0 || ww / SW >= OW) continue;
+            const long long ow = ww / SW;
+            {body}
+        }}
+    }}
+"""
+
+
+# name -> (inputs before the geometry, outputs, body): CuPy ElementwiseKernel sources, kept
+# as plain strings so that tests can also compile the bodies as C on a machine without CUDA.
+KERNELS: dict[str, tuple[str, str, str]] = {
+    # cols row (c, ki, kj), column (oh, ow, b): the input under that offset, 0 in the padding.
+    "im2col": ("raw T x", "T col", """
+        long long t = i;
+        const long long b = t % N; t /= N;  // the sample (n and i are CuPy's names)
+        const long long ow = t % OW; t /= OW;
+        const long long oh = t % OH; t /= OH;
+        const long long kj = t % KW; t /= KW;
+        const long long ki = t % KH;
+        const long long c = t / KH;
+        const long long h = oh * SH + ki - PH;
+        const long long w = ow * SW + kj - PW;
+        col = (h >= 0 && h < H && w >= 0 && w < W) ? x[((c * H + h) * W + w) * N + b] : (T)0;
+    """),
+    "col2im": ("raw T col", "T img", _INPUT_INDEX + """
+        T acc = 0;
+    """ + _FOR_EACH_COVERING_OUTPUT.format(body="""
+        acc += col[((((c * KH + ki) * KW + kj) * OH + oh) * OW + ow) * N + b];
+    """) + """
+        img = acc;
+    """),
+    # The first maximum in offset order wins (strict >), like the CPU path and PyTorch;
+    # padding never wins (it is -inf there).
+    "max_pool_forward": ("raw T x", "T y, U arg", _OUTPUT_INDEX + """
+        bool found = false;
+        T best = 0;
+        U at = 0;
+        for (long long ki = 0; ki < KH; ++ki) {
+            const long long h = oh * SH + ki - PH;
+            if (h < 0 || h >= H) continue;
+            for (long long kj = 0; kj < KW; ++kj) {
+                const long long w = ow * SW + kj - PW;
+                if (w < 0 || w >= W) continue;
+                const T v = x[((c * H + h) * W + w) * N + b];
+                if (!found || v > best) {
+                    best = v;
+                    at = (U)(ki * KW + kj);
+                    found = true;
+                }
+            }
+        }
+        y = best;
+        arg = at;
+    """),
+    "max_pool_backward": ("raw T gy, raw U arg", "T gx", _INPUT_INDEX + """
+        T acc = 0;
+    """ + _FOR_EACH_COVERING_OUTPUT.format(body="""
+        const long long o = ((c * OH + oh) * OW + ow) * N + b;
+        if (arg[o] == ki * KW + kj) acc += gy[o];
+    """) + """
+        gx = acc;
+    """),
+    # Padded zeros count towards the mean (count_include_pad): always divide by KH*KW.
+    "avg_pool_forward": ("raw T x", "T y", _OUTPUT_INDEX + """
+        T acc = 0;
+        for (long long ki = 0; ki < KH; ++ki) {
+            const long long h = oh * SH + ki - PH;
+            if (h < 0 || h >= H) continue;
+            for (long long kj = 0; kj < KW; ++kj) {
+                const long long w = ow * SW + kj - PW;
+                if (w < 0 || w >= W) continue;
+                acc += x[((c * H + h) * W + w) * N + b];
+            }
+        }
+        y = acc * (T)(1.0 / (double)(KH * KW));
+    """),
+    "avg_pool_backward": ("raw T gy", "T gx", _INPUT_INDEX + """
+        const T share = (T)(1.0 / (double)(KH * KW));
+        T acc = 0;
+    """ + _FOR_EACH_COVERING_OUTPUT.format(body="""
+        acc += gy[((c * OH + oh) * OW + ow) * N + b] * share;
+    """) + """
+        gx = acc;
+    """),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels() -> dict[str, Any]:
+    import cupy
+
+    return {name: cupy.ElementwiseKernel(f"{inputs}, {_GEOMETRY}", outputs, body, f"dtrain_{name}")
+            for name, (inputs, outputs, body) in KERNELS.items()}
+
+
+def _flat(a: Array) -> Array:
+    """The 1-D view of a C-contiguous array, as the kernels index raw arguments (never a copy)."""
+    if not a.flags.c_contiguous:
+        raise ValueError(f"cuda_kernels: expected a C-contiguous array, got strides {a.strides} for shape {a.shape}")
+    return a.reshape(-1)
+
+
+def _geometry(input_chwn: tuple[int, ...], kernel: Pair, stride: Pair, padding: Pair, out_hw: Pair) -> tuple[int, ...]:
+    c, h, w, n = input_chwn
+    return (c, h, w, n, *kernel, *stride, *padding, *out_hw)
+
+
+def im2col(x: Array, kernel: Pair, stride: Pair, padding: Pair, out_hw: Pair, cols: Array) -> Array:
+    """Fill ``cols`` (C*kh*kw, OH*OW*N) from the C-contiguous batch-last input ``x`` (C, H, W, N)."""
+    _kernels()["im2col"](_flat(x), *_geometry(x.shape, kernel, stride, padding, out_hw), cols)
+    return cols
+
+
+def col2im(cols: Array, input_chwn: tuple[int, ...], kernel: Pair, stride: Pair, padding: Pair,
+           out_hw: Pair) -> Array:
+    """The (C, H, W, N) adjoint of :func:`im2col`: a new array summing each input's columns."""
+    import cupy
+
+    img = cupy.empty(input_chwn, dtype=cols.dtype)
+    _kernels()["col2im"](_flat(cols), *_geometry(input_chwn, kernel, stride, padding, out_hw), img)
+    return img
+
+
+def max_pool_forward(x: Array, kernel: Pair, stride: Pair, padding: Pair, out_hw: Pair, argmax: Array) -> Array:
+    """(C, H, W, N) -> new (C, OH, OW, N) window maxima; ``argmax`` (C, OH, OW, N) gets each winner's offset."""
+    import cupy
+
+    y = cupy.empty(argmax.shape, dtype=x.dtype)
+    _kernels()["max_pool_forward"](_flat(x), *_geometry(x.shape, kernel, stride, padding, out_hw), y, argmax)
+    return y
+
+
+def max_pool_backward(grad: Array, argmax: Array, input_chwn: tuple[int, ...], kernel: Pair, stride: Pair,
+                      padding: Pair) -> Array:
+    """(C, OH, OW, N) gradient -> new (C, H, W, N): each output's gradient to its window's winner."""
+    import cupy
+
+    gx = cupy.empty(input_chwn, dtype=grad.dtype)
+    out_hw = grad.shape[1:3]
+    geometry = _geometry(input_chwn, kernel, stride, padding, out_hw)
+    _kernels()["max_pool_backward"](_flat(grad), _flat(argmax), *geometry, gx)
+    return gx
+
+
+def avg_pool_forward(x: Array, kernel: Pair, stride: Pair, padding: Pair, out_hw: Pair) -> Array:
+    """(C, H, W, N) -> new (C, OH, OW, N) window means (padding counts as zeros)."""
+    import cupy
+
+    y = cupy.empty((x.shape[0], *out_hw, x.shape[3]), dtype=x.dtype)
+    _kernels()["avg_pool_forward"](_flat(x), *_geometry(x.shape, kernel, stride, padding, out_hw), y)
+    return y
+
+
+def avg_pool_backward(grad: Array, input_chwn: tuple[int, ...], kernel: Pair, stride: Pair, padding: Pair) -> Array:
+    """(C, OH, OW, N) gradient -> new (C, H, W, N): each window input gets grad / (kh*kw)."""
+    import cupy
+
+    gx = cupy.empty(input_chwn, dtype=grad.dtype)
+    geometry = _geometry(input_chwn, kernel, stride, padding, grad.shape[1:3])
+    _kernels()["avg_pool_backward"](_flat(grad), *geometry, gx)
+    return gx
