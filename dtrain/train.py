@@ -34,6 +34,7 @@ from dtrain.nn.loss import SoftmaxCrossEntropy, accuracy_counts
 from dtrain.nn.module import Sequential
 from dtrain.optim import LRSchedule, build_optimizer
 from dtrain.parallel import enable_row_partition
+from dtrain.precision import FullPrecision, PrecisionSettings, enable_tf32, make_precision
 from dtrain.tensorboard import TBLogger
 from dtrain.threads import limit_blas_threads
 from dtrain.timeline import ChromeTrace, PhaseTimer, format_breakdown, peak_host_rss_bytes, timeline_scalars
@@ -57,6 +58,7 @@ class Run:
     model: Sequential
     train_set: Dataset | None
     test_set: Dataset | None
+    precision: PrecisionSettings = field(default_factory=PrecisionSettings)
     step: int = 0
     epoch: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
@@ -128,6 +130,9 @@ def _setup(cfg: DictConfig, run_dir: Path, comm: Communicator) -> Run:
     dtype = np.dtype(cfg.dtype)
     if dtype not in (np.float32, np.float64):
         raise ValueError(f"dtype must be float32 or float64; got {cfg.dtype!r}")
+    precision = PrecisionSettings.from_config(OmegaConf.to_container(cfg.precision, resolve=True), device, dtype)
+    if precision.tf32:
+        enable_tf32()
     spec = OmegaConf.to_container(cfg.model, resolve=True)
     model = build_model(spec, seed=cfg.seed, dtype=dtype).to(xp, dtype)
     if cfg.parallel.sync_batchnorm and comm.size > 1:
@@ -137,7 +142,7 @@ def _setup(cfg: DictConfig, run_dir: Path, comm: Communicator) -> Run:
                 layer.stats_reducer = reducer
     train_set, test_set = _load_data(cfg, comm)
     return Run(cfg=cfg, run_dir=run_dir, comm=comm, xp=xp, dtype=dtype, model=model,
-               train_set=train_set, test_set=test_set)
+               train_set=train_set, test_set=test_set, precision=precision)
 
 
 def _load_data(cfg: DictConfig, comm: Communicator) -> tuple[Dataset | None, Dataset | None]:
@@ -216,11 +221,14 @@ def train(r: Run) -> dict[str, Any]:
     if tcfg.max_steps is not None:
         total_steps = min(total_steps, tcfg.max_steps)
     schedule = _make_schedule(cfg, total_steps)
+    # float16 compute: forward/backward on a float16 twin of the (master) model; float32:
+    # on the model itself, every hook of mp a no-op.
+    mp = make_precision(r.precision, model, flat, OmegaConf.to_container(cfg.model, resolve=True), cfg.seed)
     ckpts = CheckpointManager(r.run_dir / "checkpoints", keep_last=tcfg.keep_last)
-    _maybe_resume(r, optimizer)
+    _maybe_resume(r, optimizer, mp)
     broadcast_parameters(comm, model)
     comm.barrier()  # start the first step together, so its communication wait is not start-up skew
-    reducer, chain = _make_reducer(r, flat)
+    reducer, chain = _make_reducer(r, flat, mp)
     loss_fn = SoftmaxCrossEntropy()
     tb = TBLogger(r.run_dir / "tensorboard", enabled=r.is_main and cfg.logging.tensorboard,
                   hist_interval=cfg.logging.hist_interval)
@@ -231,9 +239,10 @@ def train(r: Run) -> dict[str, Any]:
     trace = (ChromeTrace(r.run_dir / f"timeline-rank{comm.rank}.json", comm.rank, comm.size)
              if cfg.logging.timeline else None)
     if r.is_main:
-        log.info("model %s: %d parameters, %.3f GFLOP/image forward; %d ranks on %s; %d steps/epoch",
+        log.info("model %s: %d parameters, %.3f GFLOP/image forward; %d ranks on %s; %d steps/epoch; precision %s%s",
                  cfg.model.name, model.num_parameters(), model.flops(tuple(cfg.model.input_shape)) / 1e9,
-                 comm.size, resolve_device(cfg.device), steps_per_epoch)
+                 comm.size, resolve_device(cfg.device), steps_per_epoch, mp.describe(),
+                 ", TF32 GEMMs" if r.precision.tf32 else "")
     images_seen, train_time, last_good = 0, 0.0, None
     model.train()
     # The step count alone says where a (resumed) run stands: which epoch, which batch.
@@ -249,22 +258,31 @@ def train(r: Run) -> dict[str, Any]:
                 batch = loader.to_device(host_batch)
             lr = schedule.lr_at(r.step)
             optimizer.lr = lr
-            loss_sum, correct, count = _compute_gradients(r, batch, loss_fn, reducer, chain, timer)
+            loss_sum, correct, count = _compute_gradients(r, batch, loss_fn, mp, reducer, chain, timer)
             loss_value = loss_sum / max(count, 1)
             # Checked on the averaged gradient, which every rank holds identically, so all
             # ranks take the same decision (a rank-local loss check could split them).
-            if not bool(xp.isfinite(flat.grads).all()):
-                if tcfg.on_nonfinite == "skip":
+            finite = bool(xp.isfinite(flat.grads).all())
+            overflow = mp.overflowed(finite)  # float16 under dynamic loss scaling: routine, scale backed off
+            if not finite:
+                if overflow:
+                    if r.is_main:
+                        log.debug("step %d: float16 gradient overflow; step skipped, loss scale now %g",
+                                  r.step, mp.loss_scale)
+                elif tcfg.on_nonfinite == "skip":
                     if r.is_main:
                         log.warning("step %d: non-finite gradient; step skipped", r.step)
-                    timer.end_step(r.step)
-                    r.step += 1
-                    continue
-                raise NonFiniteLossError(
-                    f"step {r.step}: the loss or gradient became non-finite (local loss={loss_value}); "
-                    f"the last good checkpoint is {last_good or 'none yet'}. Lower optim.lr or set "
-                    "trainer.on_nonfinite=skip"
-                )
+                else:
+                    raise NonFiniteLossError(
+                        f"step {r.step}: the loss or gradient became non-finite (local loss={loss_value}); "
+                        f"the last good checkpoint is {last_good or 'none yet'}. Lower optim.lr or set "
+                        "trainer.on_nonfinite=skip"
+                    )
+                timer.end_step(r.step)
+                r.step += 1
+                if r.step >= total_steps:  # a skipped last step still ends the run
+                    break
+                continue
             with timer.phase("optimizer"):
                 optimizer.step()
             dt = timer.end_step(r.step)  # waits for the step's device work; includes the data wait
@@ -287,7 +305,7 @@ def train(r: Run) -> dict[str, Any]:
             if cfg.parallel.check_interval and comm.size > 1 and r.step % cfg.parallel.check_interval == 0:
                 check_consistency(comm, flat, r.step)
             if tcfg.checkpoint_every and r.step % tcfg.checkpoint_every == 0:
-                last_good = _save(r, ckpts, optimizer)
+                last_good = _save(r, ckpts, optimizer, mp)
             if r.step >= total_steps:
                 break
         if bar is not None:
@@ -310,14 +328,14 @@ def train(r: Run) -> dict[str, Any]:
     if trace is not None:
         _publish_timeline(r, timer, trace, tb)
         trace.close()
-    last_good = _save(r, ckpts, optimizer)
-    summary = _summary(r, images_seen, train_time, last_good, timer)
+    last_good = _save(r, ckpts, optimizer, mp)
+    summary = _summary(r, images_seen, train_time, last_good, timer, mp)
     if r.is_main:
         tb.log_hparams(OmegaConf.to_container(cfg, resolve=True), summary)
         _write_json(r.run_dir / "summary.json", summary)
-        log.info("done: test accuracy %s, %.1f images/s, %d steps, checkpoint %s",
+        log.info("done: test accuracy %s, %.1f images/s, %d steps, checkpoint %s; precision %s",
                  f"{summary['test_accuracy']:.4f}" if summary["test_accuracy"] is not None else "n/a",
-                 summary["images_per_sec"], r.step, last_good)
+                 summary["images_per_sec"], r.step, last_good, _precision_line(summary["precision"]))
         log.info("performance (rank 0): %s", _performance_line(summary))
     tb.close()
     return summary
@@ -348,10 +366,17 @@ def _make_schedule(cfg: DictConfig, total_steps: int) -> LRSchedule:
                       step_size=s.step_size, gamma=s.gamma, min_lr=s.min_lr)
 
 
-def _make_reducer(r: Run, flat: FlatParameters) -> tuple[GradientReducer | None, OrderedChainReducer | None]:
+def _make_reducer(r: Run, flat: FlatParameters,
+                  mp: FullPrecision) -> tuple[GradientReducer | None, OrderedChainReducer | None]:
     """The gradient averaging strategy: bucketed all-reduce, or the deterministic chain."""
     p, comm = r.cfg.parallel, r.comm
     overlap = resolve_overlap(p.overlap, comm.name)  # checked in a world of one too
+    if overlap and mp.mixed and comm.size > 1 and not p.deterministic:
+        # Buckets start from backward hooks, but float16 gradients reach the float32 master
+        # buffer only in mp.grads_to_master() after the whole backward pass.
+        if r.is_main:
+            log.info("precision.compute=float16: gradient all-reduce without overlap (parallel.overlap ignored)")
+        overlap = False
     if p.deterministic:
         if r.cfg.trainer.batch_size % p.deterministic_chunks:
             raise ValueError(
@@ -365,12 +390,13 @@ def _make_reducer(r: Run, flat: FlatParameters) -> tuple[GradientReducer | None,
     return GradientReducer(flat, comm, r.model, bucket_bytes=int(p.bucket_mb * 2**20), overlap=overlap), None
 
 
-def _compute_gradients(r: Run, batch: Batch, loss_fn: SoftmaxCrossEntropy, reducer: GradientReducer | None,
-                       chain: OrderedChainReducer | None, timer: PhaseTimer) -> tuple[float, int, int]:
+def _compute_gradients(r: Run, batch: Batch, loss_fn: SoftmaxCrossEntropy, mp: FullPrecision,
+                       reducer: GradientReducer | None, chain: OrderedChainReducer | None,
+                       timer: PhaseTimer) -> tuple[float, int, int]:
     """Forward and backward of this rank's share of the global batch, leaving the gradient
-    averaged over all ranks in the flat buffer. Returns (loss sum, correct, count) of the
-    local samples. Deterministic mode runs the share as the chain's micro-batches."""
-    model = r.model
+    averaged over all ranks in the (master) flat buffer. Returns (loss sum, correct, count)
+    of the local samples. Deterministic mode runs the share as the chain's micro-batches."""
+    model = mp.model  # the master model, or its float16 compute twin
     parts = chain.local_chunks if chain is not None else 1
     size = len(batch.sample_ids) // parts
     loss_sum, correct, count = 0.0, 0, 0
@@ -378,10 +404,13 @@ def _compute_gradients(r: Run, batch: Batch, loss_fn: SoftmaxCrossEntropy, reduc
         part = slice(j * size, (j + 1) * size)
         model.set_batch_context(r.step, batch.sample_ids[part])
         with timer.phase("forward"):
-            logits = model.forward(batch.x[part])
+            if j == 0:  # the master parameters into the compute model, once per step
+                mp.prepare()
+            logits = model.forward(mp.cast_input(batch.x[part]))
             loss = loss_fn.forward(logits, batch.y[part])
         with timer.phase("backward"):  # overlapped all-reduce buckets start in here
-            model.backward(loss_fn.backward())
+            model.backward(loss_fn.backward(mp.loss_scale))
+            mp.grads_to_master()
         if chain is not None:
             with timer.phase("comm"):
                 chain.add()
@@ -468,16 +497,16 @@ def _allreduce_host(comm: Communicator, values: np.ndarray) -> np.ndarray:
 
 
 # -- checkpoints ------------------------------------------------------------------------
-def _save(r: Run, ckpts: CheckpointManager, optimizer) -> str | None:
+def _save(r: Run, ckpts: CheckpointManager, optimizer, mp: FullPrecision) -> str | None:
     if not r.is_main:
         return None
     path = ckpts.save(r.step, r.model, optimizer, epoch=r.epoch,
                       rng_state={"seed": r.cfg.seed, "epoch": r.epoch, "step": r.step},
-                      config=OmegaConf.to_yaml(r.cfg))
+                      config=OmegaConf.to_yaml(r.cfg), extra=mp.state_dict())
     return str(path)
 
 
-def _maybe_resume(r: Run, optimizer) -> None:
+def _maybe_resume(r: Run, optimizer, mp: FullPrecision) -> None:
     resume = r.cfg.trainer.resume
     if not resume:
         return
@@ -488,6 +517,7 @@ def _maybe_resume(r: Run, optimizer) -> None:
         return
     ckpt = load_checkpoint(path)
     ckpt.restore(r.model, optimizer)
+    mp.load_state_dict(ckpt.extra)  # the loss scaler's state
     r.step, r.epoch = ckpt.step, ckpt.epoch
     if r.is_main:
         log.info("resumed from %s at epoch %d, step %d", path, r.epoch, r.step)
@@ -522,7 +552,8 @@ def _load_for_inference(r: Run) -> None:
 
 
 # -- summary ----------------------------------------------------------------------------
-def _summary(r: Run, images: int, seconds: float, checkpoint: str | None, timer: PhaseTimer) -> dict[str, Any]:
+def _summary(r: Run, images: int, seconds: float, checkpoint: str | None, timer: PhaseTimer,
+             mp: FullPrecision) -> dict[str, Any]:
     last = r.history[-1] if r.history else {}
     images_per_sec = images / seconds if seconds > 0 else 0.0
     forward_flops = r.model.flops(tuple(r.cfg.model.input_shape))
@@ -545,8 +576,16 @@ def _summary(r: Run, images: int, seconds: float, checkpoint: str | None, timer:
         "peak_host_rss_bytes": peak_host_rss_bytes(),
         "peak_device_bytes": timer.peak_device_bytes,
         "checkpoint": checkpoint,
+        "precision": {**mp.summary(), "tf32": r.precision.tf32},
         "history": r.history,
     }
+
+
+def _precision_line(p: dict[str, Any]) -> str:
+    if p["compute"] != "float16":
+        return p["compute"] + (" (TF32 GEMMs)" if p["tf32"] else "")
+    return (f"float16 compute / float32 master, final loss scale {p['final_loss_scale']:g}, "
+            f"{p['skipped_steps']} overflow steps skipped")
 
 
 def _performance_line(summary: dict[str, Any]) -> str:

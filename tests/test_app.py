@@ -70,9 +70,13 @@ def test_multirun_sweep_runs_each_value(tmp_path):
 
 
 def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path):
+    assert_resume_matches_uninterrupted(tmp_path)
+
+
+def assert_resume_matches_uninterrupted(tmp_path: Path, *extra: str) -> None:
     # 6 steps straight vs 3 steps + resume for 3 more (mid-epoch: 8 steps per epoch), with
     # dropout-free lenet and a constant LR so the stop point changes nothing but the split.
-    common = [*FAST, "optim.schedule.kind=constant", "trainer.epochs=2", "trainer.checkpoint_every=3"]
+    common = [*FAST, "optim.schedule.kind=constant", "trainer.epochs=2", "trainer.checkpoint_every=3", *extra]
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
     dtrain(a, *common, "trainer.max_steps=6")
@@ -85,6 +89,42 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path):
     assert model_keys
     for key in model_keys:
         np.testing.assert_array_equal(final_a[key], final_b[key], err_msg=key)
+    assert str(final_a["meta/extra"]) == str(final_b["meta/extra"])  # e.g. the loss scaler's state
+
+
+# Mixed precision: a start scale of 2**40 overflows float16 and backs off by 2**-12 twice
+# to 65536, which fits lenet's gradients: exactly two skipped steps, then training.
+FLOAT16 = ["precision.compute=float16", "precision.init_scale=1099511627776.0",
+           "precision.backoff_factor=0.000244140625"]
+
+
+def test_float16_training_learns_and_records_precision(tmp_path):
+    proc = dtrain(tmp_path, *FAST, *FLOAT16, "trainer.epochs=2", "optim.lr=0.05")
+    (run,) = run_dirs(tmp_path)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["precision"] == {"compute": "float16", "master": "float32", "loss_scale": "dynamic",
+                                    "final_loss_scale": 65536.0, "skipped_steps": 2, "tf32": False}
+    assert summary["steps"] == 16 and summary["test_accuracy"] > 0.2  # chance is 0.1
+    assert summary["history"][1]["train_loss"] < summary["history"][0]["train_loss"]
+    ckpt = np.load(sorted(run.glob("checkpoints/ckpt-*.npz"))[-1])
+    assert ckpt["model/0.weight"].dtype == np.float32  # master weights
+    assert "precision float16 compute, float32 master weights" in proc.stdout + proc.stderr
+
+
+def test_interrupted_and_resumed_float16_run_matches_uninterrupted(tmp_path):
+    # growth_interval=2: the scale grows (and the tracker counts) across the resume point.
+    assert_resume_matches_uninterrupted(tmp_path, "precision.compute=float16", "precision.growth_interval=2")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("precision.compute=bfloat16", "neither NumPy nor CuPy has a bfloat16 array type; use precision.compute=float16"),
+    ("precision.tf32=true", "precision.tf32=true needs device=gpu (TF32 is a GPU tensor-core mode)"),
+    ("precision.fp16=true", "Could not override 'precision.fp16'"),
+])
+def test_bad_precision_settings_fail_clearly(tmp_path, override, message):
+    proc = dtrain(tmp_path, *FAST, "trainer.max_steps=1", override, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stdout + proc.stderr
 
 
 def test_eval_and_predict_modes_use_a_checkpoint(tmp_path):

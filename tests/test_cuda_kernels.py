@@ -19,7 +19,7 @@ from dtrain.nn import AvgPool2d, MaxPool2d, cuda_kernels
 from dtrain.nn.im2col import col2im, im2col, sliding_output_hw
 from dtrain.nn.workspace import Workspace
 
-C_TYPES = {"T": "double", "U": "unsigned char", "int64": "long long"}
+C_TYPES = {"T": "double", "A": "double", "U": "unsigned char", "int64": "long long"}
 
 # (N, C, H, W), kernel, stride, padding: odd sizes, rectangular kernels, strides that do
 # not divide (H + 2P - K), padding up to half the kernel (what pooling allows).
@@ -47,7 +47,7 @@ def c_kernels(tmp_path_factory):
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         pytest.skip("no C compiler to run the kernel bodies on the host")
-    src = ["#include <stdbool.h>", "typedef double T;", "typedef unsigned char U;"]
+    src = ["#include <stdbool.h>", "typedef double T;", "typedef double A;", "typedef unsigned char U;"]
     signatures = {}
     for name, (inputs, outputs, body) in cuda_kernels.KERNELS.items():
         ins = _params(f"{inputs}, {cuda_kernels._GEOMETRY}")
@@ -67,8 +67,9 @@ def c_kernels(tmp_path_factory):
 
     def call(name: str, arrays: list[np.ndarray], geometry: tuple[int, ...], outputs: list[np.ndarray]) -> None:
         ins, outs = signatures[name]
-        assert len(arrays) + len(geometry) == len(ins) and len(outputs) == len(outs)
-        args = [a.ctypes.data_as(ctypes.c_void_p) for a in arrays] + [ctypes.c_longlong(g) for g in geometry]
+        zero = [ctypes.c_double(0.0)] if any(n == "zero" for _, n, _ in ins) else []  # the accumulator's zero
+        assert len(arrays) + len(zero) + len(geometry) == len(ins) and len(outputs) == len(outs)
+        args = [a.ctypes.data_as(ctypes.c_void_p) for a in arrays] + zero + [ctypes.c_longlong(g) for g in geometry]
         args += [o.ctypes.data_as(ctypes.c_void_p) for o in outputs]
         getattr(lib, name)(ctypes.c_longlong(outputs[0].size), *args)
 
@@ -160,3 +161,26 @@ def test_cupy_kernels_match_the_cpu_path(rng, dtype, shape, kernel, stride, padd
         np.testing.assert_allclose(cupy.asnumpy(y_gpu), y_cpu, rtol=1e-6)
         g = rng.normal(size=y_cpu.shape).astype(dtype)
         np.testing.assert_allclose(cupy.asnumpy(gpu.backward(cupy.asarray(g))), cpu.backward(g.copy()), rtol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not gpu_available(), reason="CuPy or a CUDA device is missing")
+@pytest.mark.parametrize("shape, kernel, stride, padding", CASES)
+def test_cupy_kernels_take_float16_and_accumulate_in_float32(rng, shape, kernel, stride, padding):
+    import cupy
+
+    x = rng.normal(size=shape).astype(np.float16)
+    reference = x.astype(np.float32)
+    out_hw, _ = _geometry(shape, kernel, stride, padding)
+    cols = cupy.empty((shape[1] * kernel[0] * kernel[1], out_hw[0] * out_hw[1] * shape[0]), dtype=np.float16)
+    cuda_kernels.im2col(cupy.asarray(_chwn(x)), kernel, stride, padding, out_hw, cols)
+    expected = im2col(reference, kernel, stride, padding, out_hw, Workspace())
+    np.testing.assert_array_equal(cupy.asnumpy(cols).astype(np.float32), expected)
+    img = cuda_kernels.col2im(cols, _chwn(x).shape, kernel, stride, padding, out_hw)
+    expected_img = col2im(expected.copy(), shape, kernel, stride, padding, out_hw)
+    np.testing.assert_allclose(cupy.asnumpy(img).astype(np.float32), _chwn(expected_img), rtol=2e-3, atol=2e-3)
+    for cls in (MaxPool2d, AvgPool2d):
+        cpu, gpu = cls(kernel, stride, padding), cls(kernel, stride, padding)
+        y_cpu, y_gpu = cpu.forward(reference), gpu.forward(cupy.asarray(x))
+        assert y_gpu.dtype == np.float16
+        np.testing.assert_allclose(cupy.asnumpy(y_gpu).astype(np.float32), y_cpu, rtol=2e-3, atol=2e-3)

@@ -153,3 +153,27 @@ def test_resume_with_a_different_number_of_ranks(tmp_path, tiny_model):
     a, b = final_params(straight), final_params(resumed)
     for key in a:
         np.testing.assert_array_equal(b[key], a[key], err_msg=key)
+
+
+def test_float16_training_reduces_the_float32_master_gradient(tmp_path, tiny_model):
+    # The deterministic chain takes each micro-batch's gradient after the float16 -> float32
+    # cast: bitwise the same for 1 and 2 ranks. The bucketed all-reduce runs without
+    # overlap (the master buffer is filled after backward) and agrees to float16 rounding.
+    # A start scale of 256 overflows nowhere: micro-batches of 8 (chain) and 24 (all-reduce)
+    # would otherwise skip different steps at the default 65536.
+    fp16 = [*tiny_model, "precision.compute=float16", "precision.init_scale=256.0", "trainer.max_steps=4"]
+    chained = [train(tmp_path / "chain", n, *fp16, "parallel.deterministic=true") for n in (1, 2)]
+    a, b = (final_params(r) for r in chained)
+    for key, value in a.items():
+        np.testing.assert_array_equal(b[key], value, err_msg=key)
+        assert value.dtype == np.float32
+    run = tmp_path / "overlap" / "run2"
+    result = run_dtrain(2, *COMMON, *fp16, "parallel.overlap=true", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert result.returncode == 0, result.output
+    assert "gradient all-reduce without overlap" in result.output
+    summaries = [json.loads((r / "summary.json").read_text()) for r in (*chained, run)]
+    assert [s["precision"]["skipped_steps"] for s in summaries] == [0, 0, 0]
+    assert summaries[2]["precision"]["compute"] == "float16" and summaries[2]["ranks"] == 2
+    c = final_params(run)
+    for key in a:
+        np.testing.assert_allclose(c[key], a[key], rtol=2e-2, atol=2e-3, err_msg=key)

@@ -73,7 +73,19 @@ class _BatchNorm(Module):
         if getattr(x, "ndim", None) not in self._ranks:
             raise ValueError(f"{self!r} expects input of shape ({self._layout}), got shape {tuple(getattr(x, 'shape', ()))}")
         check_dim(self, x.shape, 1, self.num_features, "channels (axis 1)")
-        check_dtype(self, x, self.buffers["running_mean"].dtype)
+        stats_dtype = self.buffers["running_mean"].dtype
+        if x.dtype != np.float16:
+            check_dtype(self, x, stats_dtype)
+            return
+        # float16 input (mixed precision, dtrain.precision): float16 parameters, and running
+        # statistics in float16 or, shared with a float32 master model, in float32.
+        if self.affine:
+            check_dtype(self, x, self.params["weight"].dtype)
+        if stats_dtype not in (np.float16, np.float32):
+            raise TypeError(
+                f"{self!r} got a float16 input but its running statistics are {stats_dtype}; float16 "
+                f"input needs float16 or float32 statistics, convert the model with .to(xp, dtype)"
+            )
 
     def _per_channel(self, v: Array, ndim: int) -> Array:
         """Reshape a (C,) vector to broadcast against an input of rank ``ndim``."""
@@ -122,13 +134,35 @@ class _BatchNorm(Module):
 
     # -- Module interface ------------------------------------------------------------
     def forward(self, x: Array) -> Array:
-        """Normalize per channel (axis 1); same shape out."""
+        """Normalize per channel (axis 1); same shape and dtype out.
+
+        float16 input is normalized in float32 (statistics, running estimates, output
+        before the final cast): float16's range (65504) and 11-bit significand hold
+        neither sums of squares nor an accurate variance.
+        """
         self._check_input(x)
+        if x.dtype == np.float16:
+            return self._forward(x.astype(np.float32)).astype(np.float16)
+        return self._forward(x)
+
+    def backward(self, grad_out: Array) -> Array:
+        """Gradient w.r.t. the input; writes the (local) weight and bias gradients in place
+        (computed in float32 for a float16 ``grad_out``, like the forward pass)."""
+        if self._cache is None:
+            raise RuntimeError(f"{self!r}: backward called before forward")
+        if grad_out.dtype == np.float16:
+            return self._backward(grad_out.astype(np.float32)).astype(np.float16)
+        return self._backward(grad_out)
+
+    def _forward(self, x: Array) -> Array:
+        """``forward`` on a checked input whose dtype is the one computed in."""
         xp = get_array_module(x)
         if self.training:
             mean, var = self._batch_stats(x)
         else:
-            mean, var = self.buffers["running_mean"], self.buffers["running_var"]
+            # no-ops unless float16 statistics serve an input upcast from float16
+            mean = self.buffers["running_mean"].astype(x.dtype, copy=False)
+            var = self.buffers["running_var"].astype(x.dtype, copy=False)
         inv_std = 1 / xp.sqrt(var + self.eps)
         x_hat = (x - self._per_channel(mean, x.ndim)) * self._per_channel(inv_std, x.ndim)
         self._cache = (x_hat, inv_std, self.training)
@@ -138,10 +172,8 @@ class _BatchNorm(Module):
             self.params["bias"], x.ndim
         )
 
-    def backward(self, grad_out: Array) -> Array:
-        """Gradient w.r.t. the input; writes the (local) weight and bias gradients in place."""
-        if self._cache is None:
-            raise RuntimeError(f"{self!r}: backward called before forward")
+    def _backward(self, grad_out: Array) -> Array:
+        """``backward`` for a ``grad_out`` in the dtype computed in."""
         x_hat, inv_std, batch_stats = self._cache
         ndim = grad_out.ndim
         axes = (0,) + tuple(range(2, ndim))

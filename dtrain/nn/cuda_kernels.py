@@ -19,6 +19,8 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import numpy as np
+
 from dtrain.nn.module import Array
 
 Pair = tuple[int, int]
@@ -64,6 +66,9 @@ _FOR_EACH_COVERING_OUTPUT = """
 
 # name -> (inputs before the geometry, outputs, body): CuPy ElementwiseKernel sources, kept
 # as plain strings so that tests can also compile the bodies as C on a machine without CUDA.
+# T is the arrays' dtype; arithmetic runs in A, the type of the scalar ``zero`` argument
+# (:func:`_zero`): T itself for float32/float64, so results match the CPU path, and float32
+# for float16, which accumulates in float32 like cuDNN.
 KERNELS: dict[str, tuple[str, str, str]] = {
     # cols row (c, ki, kj), column (oh, ow, b): the input under that offset, 0 in the padding.
     "im2col": ("raw T x", "T col", """
@@ -78,18 +83,18 @@ KERNELS: dict[str, tuple[str, str, str]] = {
         const long long w = ow * SW + kj - PW;
         col = (h >= 0 && h < H && w >= 0 && w < W) ? x[((c * H + h) * W + w) * N + b] : (T)0;
     """),
-    "col2im": ("raw T col", "T img", _INPUT_INDEX + """
-        T acc = 0;
+    "col2im": ("raw T col, A zero", "T img", _INPUT_INDEX + """
+        A acc = zero;
     """ + _FOR_EACH_COVERING_OUTPUT.format(body="""
-        acc += col[((((c * KH + ki) * KW + kj) * OH + oh) * OW + ow) * N + b];
+        acc += (A)col[((((c * KH + ki) * KW + kj) * OH + oh) * OW + ow) * N + b];
     """) + """
-        img = acc;
+        img = (T)acc;
     """),
     # The first maximum in offset order wins (strict >), like the CPU path and PyTorch;
     # padding never wins (it is -inf there).
-    "max_pool_forward": ("raw T x", "T y, U arg", _OUTPUT_INDEX + """
+    "max_pool_forward": ("raw T x, A zero", "T y, U arg", _OUTPUT_INDEX + """
         bool found = false;
-        T best = 0;
+        A best = zero;
         U at = 0;
         for (long long ki = 0; ki < KH; ++ki) {
             const long long h = oh * SH + ki - PH;
@@ -97,7 +102,7 @@ KERNELS: dict[str, tuple[str, str, str]] = {
             for (long long kj = 0; kj < KW; ++kj) {
                 const long long w = ow * SW + kj - PW;
                 if (w < 0 || w >= W) continue;
-                const T v = x[((c * H + h) * W + w) * N + b];
+                const A v = (A)x[((c * H + h) * W + w) * N + b];
                 if (!found || v > best) {
                     best = v;
                     at = (U)(ki * KW + kj);
@@ -105,38 +110,38 @@ KERNELS: dict[str, tuple[str, str, str]] = {
                 }
             }
         }
-        y = best;
+        y = (T)best;
         arg = at;
     """),
-    "max_pool_backward": ("raw T gy, raw U arg", "T gx", _INPUT_INDEX + """
-        T acc = 0;
+    "max_pool_backward": ("raw T gy, raw U arg, A zero", "T gx", _INPUT_INDEX + """
+        A acc = zero;
     """ + _FOR_EACH_COVERING_OUTPUT.format(body="""
         const long long o = ((c * OH + oh) * OW + ow) * N + b;
-        if (arg[o] == ki * KW + kj) acc += gy[o];
+        if (arg[o] == ki * KW + kj) acc += (A)gy[o];
     """) + """
-        gx = acc;
+        gx = (T)acc;
     """),
     # Padded zeros count towards the mean (count_include_pad): always divide by KH*KW.
-    "avg_pool_forward": ("raw T x", "T y", _OUTPUT_INDEX + """
-        T acc = 0;
+    "avg_pool_forward": ("raw T x, A zero", "T y", _OUTPUT_INDEX + """
+        A acc = zero;
         for (long long ki = 0; ki < KH; ++ki) {
             const long long h = oh * SH + ki - PH;
             if (h < 0 || h >= H) continue;
             for (long long kj = 0; kj < KW; ++kj) {
                 const long long w = ow * SW + kj - PW;
                 if (w < 0 || w >= W) continue;
-                acc += x[((c * H + h) * W + w) * N + b];
+                acc += (A)x[((c * H + h) * W + w) * N + b];
             }
         }
-        y = acc * (T)(1.0 / (double)(KH * KW));
+        y = (T)(acc * (A)(1.0 / (double)(KH * KW)));
     """),
-    "avg_pool_backward": ("raw T gy", "T gx", _INPUT_INDEX + """
-        const T share = (T)(1.0 / (double)(KH * KW));
-        T acc = 0;
+    "avg_pool_backward": ("raw T gy, A zero", "T gx", _INPUT_INDEX + """
+        const A share = (A)(1.0 / (double)(KH * KW));
+        A acc = zero;
     """ + _FOR_EACH_COVERING_OUTPUT.format(body="""
-        acc += gy[((c * OH + oh) * OW + ow) * N + b] * share;
+        acc += (A)gy[((c * OH + oh) * OW + ow) * N + b] * share;
     """) + """
-        gx = acc;
+        gx = (T)acc;
     """),
 }
 
@@ -147,6 +152,11 @@ def _kernels() -> dict[str, Any]:
 
     return {name: cupy.ElementwiseKernel(f"{inputs}, {_GEOMETRY}", outputs, body, f"dtrain_{name}")
             for name, (inputs, outputs, body) in KERNELS.items()}
+
+
+def _zero(dtype: Any) -> np.generic:
+    """The accumulator type's zero: float32 for float16 arrays, else the arrays' own type."""
+    return np.zeros((), dtype=np.float32 if np.dtype(dtype) == np.float16 else dtype)[()]
 
 
 def _flat(a: Array) -> Array:
@@ -173,7 +183,7 @@ def col2im(cols: Array, input_chwn: tuple[int, ...], kernel: Pair, stride: Pair,
     import cupy
 
     img = cupy.empty(input_chwn, dtype=cols.dtype)
-    _kernels()["col2im"](_flat(cols), *_geometry(input_chwn, kernel, stride, padding, out_hw), img)
+    _kernels()["col2im"](_flat(cols), _zero(cols.dtype), *_geometry(input_chwn, kernel, stride, padding, out_hw), img)
     return img
 
 
@@ -182,7 +192,7 @@ def max_pool_forward(x: Array, kernel: Pair, stride: Pair, padding: Pair, out_hw
     import cupy
 
     y = cupy.empty(argmax.shape, dtype=x.dtype)
-    _kernels()["max_pool_forward"](_flat(x), *_geometry(x.shape, kernel, stride, padding, out_hw), y, argmax)
+    _kernels()["max_pool_forward"](_flat(x), _zero(x.dtype), *_geometry(x.shape, kernel, stride, padding, out_hw), y, argmax)
     return y
 
 
@@ -194,7 +204,7 @@ def max_pool_backward(grad: Array, argmax: Array, input_chwn: tuple[int, ...], k
     gx = cupy.empty(input_chwn, dtype=grad.dtype)
     out_hw = grad.shape[1:3]
     geometry = _geometry(input_chwn, kernel, stride, padding, out_hw)
-    _kernels()["max_pool_backward"](_flat(grad), _flat(argmax), *geometry, gx)
+    _kernels()["max_pool_backward"](_flat(grad), _flat(argmax), _zero(grad.dtype), *geometry, gx)
     return gx
 
 
@@ -203,7 +213,7 @@ def avg_pool_forward(x: Array, kernel: Pair, stride: Pair, padding: Pair, out_hw
     import cupy
 
     y = cupy.empty((x.shape[0], *out_hw, x.shape[3]), dtype=x.dtype)
-    _kernels()["avg_pool_forward"](_flat(x), *_geometry(x.shape, kernel, stride, padding, out_hw), y)
+    _kernels()["avg_pool_forward"](_flat(x), _zero(x.dtype), *_geometry(x.shape, kernel, stride, padding, out_hw), y)
     return y
 
 
@@ -213,5 +223,5 @@ def avg_pool_backward(grad: Array, input_chwn: tuple[int, ...], kernel: Pair, st
 
     gx = cupy.empty(input_chwn, dtype=grad.dtype)
     geometry = _geometry(input_chwn, kernel, stride, padding, grad.shape[1:3])
-    _kernels()["avg_pool_backward"](_flat(grad), *geometry, gx)
+    _kernels()["avg_pool_backward"](_flat(grad), _zero(grad.dtype), *geometry, gx)
     return gx

@@ -1,6 +1,8 @@
 """Softmax cross-entropy loss on logits, mean over the batch, and accuracy counting."""
 from __future__ import annotations
 
+import numpy as np
+
 from dtrain.backend import get_array_module
 from dtrain.nn.module import Array
 
@@ -49,10 +51,14 @@ class SoftmaxCrossEntropy:
         return self.forward(logits, labels)
 
     def forward(self, logits: Array, labels: Array) -> Array:
-        """(N, C) logits, (N,) integer labels -> 0-d loss array in the logits' dtype."""
+        """(N, C) logits, (N,) integer labels -> 0-d loss array in the logits' dtype
+        (float32 for float16 logits, which are worked on in float32)."""
         _check_inputs(logits, labels, "SoftmaxCrossEntropy")
         xp = get_array_module(logits)
-        shifted = logits - logits.max(axis=1, keepdims=True)  # largest exponent is 0: no overflow
+        # float16 (mixed precision) lacks the range and digits for log-sum-exp: shifted
+        # logits can overflow and the per-row sums round badly, so work in float32.
+        work = logits.astype(np.float32) if logits.dtype == np.float16 else logits
+        shifted = work - work.max(axis=1, keepdims=True)  # largest exponent is 0: no overflow
         exp = xp.exp(shifted)
         sum_exp = exp.sum(axis=1)
         rows = xp.arange(logits.shape[0])
@@ -61,16 +67,18 @@ class SoftmaxCrossEntropy:
         return loss
 
     def backward(self, scale: float = 1.0) -> Array:
-        """(N, C) gradient of ``scale * loss`` w.r.t. the logits: ``scale * (softmax - onehot) / N``."""
+        """(N, C) gradient of ``scale * loss`` w.r.t. the logits: ``scale * (softmax - onehot) / N``,
+        in the logits' dtype (computed in float32 for float16 logits; ``scale`` is the loss
+        scale of mixed precision, which keeps small gradients above float16's underflow)."""
         if self._cache is None:
             raise RuntimeError("SoftmaxCrossEntropy: backward called before forward")
-        probs, labels, _ = self._cache
+        probs, labels, logits = self._cache
         xp = get_array_module(probs)
         n = probs.shape[0]
         grad = probs.copy()
         grad[xp.arange(n), labels] -= 1
         grad *= scale / n
-        return grad
+        return grad.astype(logits.dtype, copy=False)
 
     def num_correct(self) -> int:
         """Rows of the last forward whose arg-max logit is the label."""

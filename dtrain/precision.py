@@ -1,0 +1,352 @@
+"""Mixed precision (float16 compute, float32 master weights, dynamic loss scaling) and TF32.
+
+``precision.compute=float16`` keeps the run's float32 model and its
+:class:`~dtrain.nn.flat.FlatParameters` as the *master*: the optimizer, checkpoints,
+evaluation, export, the start-up broadcast and TensorBoard all keep using it. Forward and
+backward run on a *compute twin*, the same model built again from the same spec and seed
+and converted to float16, with its own flat buffers laid out exactly like the master's.
+Each training step (:class:`MixedPrecision`):
+
+1. :meth:`~MixedPrecision.prepare` casts the master parameters into the twin's (one
+   vectorized cast over the flat buffer);
+2. the batch is cast to float16 (:meth:`~MixedPrecision.cast_input`) and the twin runs
+   forward and backward, the loss gradient multiplied by the loss scale so that small
+   gradients do not underflow float16;
+3. :meth:`~MixedPrecision.grads_to_master` writes ``twin grads / scale`` into the master
+   gradient buffer in float32; the gradient all-reduce, the non-finite check and the
+   optimizer step then work on the master buffer as in a float32 run;
+4. :meth:`~MixedPrecision.overflowed` feeds the (all-reduced, so rank-independent)
+   finiteness of that gradient to the :class:`LossScaler`, which follows
+   ``torch.amp.GradScaler``'s rules: an overflow skips the step and backs the scale off,
+   ``growth_interval`` finite steps in a row grow it.
+
+The twin's BatchNorm layers share the master's running statistics (the same float32
+arrays): BatchNorm computes in float32 for float16 input, so the statistics are updated
+exactly as in a float32 run and evaluating the master model needs no copy.
+
+``precision.tf32=true`` lets cuBLAS run float32 GEMMs on TF32 tensor cores (GPU only).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+from dtrain.backend import get_array_module
+from dtrain.models import build_model
+from dtrain.nn.flat import FlatParameters
+from dtrain.nn.module import Array, Sequential
+
+log = logging.getLogger("dtrain")
+
+COMPUTE_DTYPES = ("float32", "float16")
+
+
+@dataclass(frozen=True)
+class PrecisionSettings:
+    """The validated ``precision`` config section (see ``conf/precision/default.yaml``).
+
+    ``loss_scale`` is ``"dynamic"`` or a positive float (a static scale).
+    """
+
+    compute: str = "float32"
+    loss_scale: str | float = "dynamic"
+    init_scale: float = 65536.0
+    growth_factor: float = 2.0
+    backoff_factor: float = 0.5
+    growth_interval: int = 2000
+    tf32: bool = False
+
+    @property
+    def mixed(self) -> bool:
+        """Whether forward/backward run in float16 on a compute twin."""
+        return self.compute == "float16"
+
+    @property
+    def dynamic(self) -> bool:
+        return self.loss_scale == "dynamic"
+
+    @classmethod
+    def from_config(cls, section: Mapping[str, Any], device: str, master_dtype: Any) -> "PrecisionSettings":
+        """Check ``precision.*`` for a run on ``device`` (``cpu``/``gpu``) whose parameters
+        (``dtype``) are ``master_dtype``; a ``ValueError`` names the key and the fix."""
+        s = cls(**dict(section))
+        if s.compute == "bfloat16":
+            raise ValueError(
+                "precision.compute=bfloat16 is not supported: neither NumPy nor CuPy has a bfloat16 "
+                "array type; use precision.compute=float16 (with dynamic loss scaling) instead"
+            )
+        if s.compute not in COMPUTE_DTYPES:
+            raise ValueError(f"precision.compute must be one of {', '.join(COMPUTE_DTYPES)}; got {s.compute!r}")
+        if s.mixed and np.dtype(master_dtype) != np.float32:
+            raise ValueError(
+                f"precision.compute=float16 keeps float32 master weights, so it needs dtype=float32; "
+                f"got dtype={np.dtype(master_dtype).name}"
+            )
+        if not isinstance(s.tf32, (bool, np.bool_)):
+            raise ValueError(f"precision.tf32 must be true or false; got {s.tf32!r}")
+        if s.tf32 and device != "gpu":
+            raise ValueError("precision.tf32=true needs device=gpu (TF32 is a GPU tensor-core mode)")
+        if s.loss_scale != "dynamic" and not _positive_number(s.loss_scale):
+            raise ValueError(
+                f"precision.loss_scale must be 'dynamic' or a positive number (a static scale); got {s.loss_scale!r}"
+            )
+        for key, ok, what in (
+            ("init_scale", _positive_number(s.init_scale), "a positive number"),
+            ("growth_factor", _positive_number(s.growth_factor) and s.growth_factor > 1, "a number > 1"),
+            ("backoff_factor", _positive_number(s.backoff_factor) and s.backoff_factor < 1, "a number in (0, 1)"),
+            ("growth_interval", _positive_int(s.growth_interval), "an int >= 1"),
+        ):
+            if not ok:
+                raise ValueError(f"precision.{key} must be {what}; got {getattr(s, key)!r}")
+        return s
+
+
+def _positive_number(v: Any) -> bool:
+    return (not isinstance(v, bool) and isinstance(v, (int, float, np.integer, np.floating))
+            and math.isfinite(v) and v > 0)
+
+
+def _positive_int(v: Any) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, np.integer)) and v >= 1
+
+
+class LossScaler:
+    """The loss scale of float16 training: dynamic (``torch.amp.GradScaler``'s rules) or static.
+
+    Dynamic: after each step call :meth:`update` with whether the (unscaled, all-reduced)
+    gradient was finite. A non-finite gradient multiplies ``scale`` by ``backoff_factor``
+    and resets ``growth_tracker``; otherwise ``growth_tracker`` counts up and on reaching
+    ``growth_interval`` the scale is multiplied by ``growth_factor`` (if that stays finite
+    in float32) and the tracker restarts. Like GradScaler the scale is a float32 value.
+    Static (``dynamic=False``): ``scale`` never changes and :meth:`update` only counts.
+    ``skipped_steps`` counts the overflows that skipped a step.
+    """
+
+    def __init__(self, init_scale: float = 65536.0, growth_factor: float = 2.0, backoff_factor: float = 0.5,
+                 growth_interval: int = 2000, dynamic: bool = True) -> None:
+        self.scale = float(np.float32(init_scale))
+        self.growth_factor = float(growth_factor)
+        self.backoff_factor = float(backoff_factor)
+        self.growth_interval = int(growth_interval)
+        self.dynamic = dynamic
+        self.growth_tracker = 0
+        self.skipped_steps = 0
+
+    def update(self, finite: bool) -> None:
+        """Adjust the scale after a step whose gradient was ``finite`` (or not)."""
+        if not self.dynamic:
+            return
+        if not finite:
+            self.scale = float(np.float32(self.scale) * np.float32(self.backoff_factor))
+            self.growth_tracker = 0
+            self.skipped_steps += 1
+            return
+        self.growth_tracker += 1
+        if self.growth_tracker == self.growth_interval:
+            with np.errstate(over="ignore"):
+                grown = np.float32(self.scale) * np.float32(self.growth_factor)
+            if np.isfinite(grown):
+                self.scale = float(grown)
+            self.growth_tracker = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"scale": float, "growth_tracker": int, "skipped_steps": int}``."""
+        return {"scale": self.scale, "growth_tracker": self.growth_tracker, "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned; ``ValueError`` for anything else."""
+        expected = {"scale", "growth_tracker", "skipped_steps"}
+        if not isinstance(state, Mapping) or set(state) != expected:
+            got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
+            raise ValueError(f"LossScaler.load_state_dict: expected keys {sorted(expected)}, got {got}")
+        if not _positive_number(state["scale"]):
+            raise ValueError(f"LossScaler.load_state_dict: scale must be a positive number, got {state['scale']!r}")
+        for key in ("growth_tracker", "skipped_steps"):
+            if isinstance(state[key], bool) or not isinstance(state[key], (int, np.integer)) or state[key] < 0:
+                raise ValueError(f"LossScaler.load_state_dict: {key} must be an int >= 0, got {state[key]!r}")
+        self.scale = float(state["scale"])
+        self.growth_tracker = int(state["growth_tracker"])
+        self.skipped_steps = int(state["skipped_steps"])
+
+    def __repr__(self) -> str:
+        kind = "dynamic" if self.dynamic else "static"
+        return f"LossScaler({kind}, scale={self.scale:g}, growth_tracker={self.growth_tracker})"
+
+
+class FullPrecision:
+    """Forward and backward on the master model itself (``precision.compute=float32``).
+
+    Every hook is a no-op, so the training loop does exactly what it did before mixed
+    precision existed: no copies, loss scale 1.
+    """
+
+    mixed = False
+    loss_scale = 1.0
+
+    def __init__(self, master: Sequential) -> None:
+        self.model = master
+
+    def prepare(self) -> None:
+        """Bring the compute model's parameters up to date with the master (nothing to do)."""
+
+    def cast_input(self, x: Array) -> Array:
+        """``x`` in the compute dtype (already is)."""
+        return x
+
+    def grads_to_master(self) -> None:
+        """Put the compute model's unscaled gradients into the master buffer (already there)."""
+
+    def overflowed(self, finite: bool) -> bool:
+        """Whether a non-finite gradient is a routine loss-scaling overflow (never here)."""
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint's ``extra`` section holds for this precision: nothing."""
+        return {}
+
+    def load_state_dict(self, extra: Mapping[str, Any]) -> None:
+        """Restore from a checkpoint's ``extra`` section (nothing to restore)."""
+
+    def summary(self) -> dict[str, Any]:
+        return {"compute": self.model.dtype.name, "master": self.model.dtype.name, "loss_scale": None,
+                "final_loss_scale": None, "skipped_steps": 0}
+
+    def describe(self) -> str:
+        return self.model.dtype.name
+
+
+class MixedPrecision(FullPrecision):
+    """float16 forward/backward on ``twin``, float32 master weights in ``master_flat``.
+
+    ``twin`` must be ``master``'s architecture converted to float16 and ``twin_flat`` its
+    FlatParameters with the same entries at the same offsets (``ValueError`` otherwise).
+    The twin's buffers (BatchNorm running statistics) are rebound to the master's arrays,
+    and its BatchNorm layers use the master's ``stats_reducer`` (synchronized BatchNorm).
+    """
+
+    mixed = True
+
+    def __init__(self, master: Sequential, master_flat: FlatParameters, twin: Sequential,
+                 twin_flat: FlatParameters, scaler: LossScaler) -> None:
+        super().__init__(master)
+        if master_flat.dtype != np.float32 or twin_flat.dtype != np.float16:
+            raise ValueError(
+                f"MixedPrecision needs float32 master and float16 compute parameters; got "
+                f"{master_flat.dtype} and {twin_flat.dtype}"
+            )
+        if _layout(master_flat) != _layout(twin_flat) or master_flat.size != twin_flat.size:
+            raise ValueError(
+                "MixedPrecision: the compute twin's flat parameter layout differs from the master's "
+                "(build both models from the same spec and flatten them with the same align)"
+            )
+        _share_buffers(master, twin)
+        self.model = twin
+        self.master = master
+        self.master_flat = master_flat
+        self.twin_flat = twin_flat
+        self.scaler = scaler
+
+    @property
+    def loss_scale(self) -> float:  # type: ignore[override]
+        return self.scaler.scale
+
+    def prepare(self) -> None:
+        """Cast the master parameters into the twin's buffer (float32 -> float16, one pass)."""
+        self.twin_flat.params[...] = self.master_flat.params
+
+    def cast_input(self, x: Array) -> Array:
+        """``x`` as float16; the loader normalizes in float32 first, which keeps its rounding at one cast."""
+        return x.astype(np.float16)
+
+    def grads_to_master(self) -> None:
+        """``master grads = float32(twin grads) * (1 / scale)``; an Inf/NaN stays non-finite."""
+        xp = get_array_module(self.twin_flat.grads)
+        # dtype=float32: multiply in float32; in float16 small unscaled gradients would underflow.
+        xp.multiply(self.twin_flat.grads, np.float32(1.0 / self.scaler.scale), out=self.master_flat.grads,
+                    dtype=np.float32)
+
+    def overflowed(self, finite: bool) -> bool:
+        """Record this step's gradient finiteness; True when a non-finite gradient is a float16
+        overflow that dynamic loss scaling absorbs (skip the step, no error). With a static
+        scale a non-finite gradient is an error like in float32 (``trainer.on_nonfinite``)."""
+        self.scaler.update(finite)
+        return self.scaler.dynamic and not finite
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loss_scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, extra: Mapping[str, Any]) -> None:
+        state = extra.get("loss_scaler")
+        if state is None:
+            log.info("the checkpoint holds no loss-scaler state (a float32 run); starting at scale %g",
+                     self.scaler.scale)
+            return
+        self.scaler.load_state_dict(state)
+
+    def summary(self) -> dict[str, Any]:
+        return {"compute": "float16", "master": "float32",
+                "loss_scale": "dynamic" if self.scaler.dynamic else self.scaler.scale,
+                "final_loss_scale": self.scaler.scale, "skipped_steps": self.scaler.skipped_steps}
+
+    def describe(self) -> str:
+        kind = "dynamic" if self.scaler.dynamic else "static"
+        return f"float16 compute, float32 master weights, {kind} loss scale {self.scaler.scale:g}"
+
+
+def _layout(flat: FlatParameters) -> list[tuple[str, int, int, tuple[int, ...]]]:
+    return [(e.name, e.offset, e.size, e.shape) for e in flat.entries]
+
+
+def _share_buffers(master: Sequential, twin: Sequential) -> None:
+    """Rebind every buffer of ``twin`` to ``master``'s array of the same name, and give the
+    twin's layers the master's BatchNorm ``stats_reducer``."""
+    master_modules = dict(master.named_modules())
+    for name, mod in twin.named_modules():
+        ref = master_modules.get(name)
+        if type(ref) is not type(mod) or set(ref.buffers) != set(mod.buffers):
+            raise ValueError(f"MixedPrecision: the compute twin's layer {name!r} does not match the master's")
+        for key in mod.buffers:
+            mod.buffers[key] = ref.buffers[key]
+        if hasattr(ref, "stats_reducer"):
+            mod.stats_reducer = ref.stats_reducer
+
+
+def make_precision(settings: PrecisionSettings, master: Sequential, master_flat: FlatParameters,
+                   spec: Mapping[str, Any], seed: int) -> FullPrecision:
+    """The precision hooks of a training run: :class:`FullPrecision` for float32 compute,
+    else :class:`MixedPrecision` around a compute twin built from the master's model
+    ``spec`` and ``seed`` and converted to float16 on the master's array module."""
+    if not settings.mixed:
+        return FullPrecision(master)
+    xp = get_array_module(master_flat.params)
+    twin = build_model(spec, seed=seed, dtype=np.float32).to(xp, np.float16)
+    twin.train(master.training)
+    scale = settings.init_scale if settings.dynamic else settings.loss_scale
+    scaler = LossScaler(scale, settings.growth_factor, settings.backoff_factor, settings.growth_interval,
+                        dynamic=settings.dynamic)
+    return MixedPrecision(master, master_flat, twin, FlatParameters(twin, align=master_flat.align), scaler)
+
+
+def enable_tf32() -> None:
+    """Let CuPy run float32 matrix products on TF32 tensor cores (compute capability >= 8.0).
+
+    CuPy decides a dtype's GEMM compute type on its first matrix product of that dtype
+    (``get_compute_type`` reads ``CUPY_TF32`` then and caches the answer), not at import;
+    ``set_compute_type`` changes the cached value at run time. Both are done: the
+    variable covers a CuPy without that internal function, the call covers a process
+    that already ran a float32 product. Older GPUs keep full float32 (CuPy warns).
+    """
+    os.environ["CUPY_TF32"] = "1"
+    try:
+        from cupy._core import _routines_linalg as linalg
+    except ImportError:
+        return
+    set_compute_type = getattr(linalg, "set_compute_type", None)
+    tf32 = getattr(linalg, "COMPUTE_TYPE_TF32", None)
+    if set_compute_type is not None and tf32 is not None:
+        set_compute_type(np.float32, tf32)
