@@ -25,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 
 from dtrain.backend import DEFAULT_DTYPE, get_array_module
-from dtrain.nn.checks import check_dim, check_dtype
+from dtrain.nn.checks import check_dim, check_dtype, positive_int
 from dtrain.nn.module import Array, Module, Shape
 
 StatsReducer = Callable[[Array], Array]
@@ -48,8 +48,7 @@ class _BatchNorm(Module):
     ) -> None:
         super().__init__()
         name = type(self).__name__
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(f"{name}: num_features must be a positive int, got {num_features!r}")
+        positive_int(num_features, "num_features", name)
         if not eps > 0:
             raise ValueError(f"{name}: eps must be > 0, got {eps!r}")
         if momentum is not None and not 0.0 <= momentum <= 1.0:

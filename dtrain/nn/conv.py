@@ -6,7 +6,7 @@ from typing import Any
 import numpy as np
 
 from dtrain.backend import DEFAULT_DTYPE, get_array_module
-from dtrain.nn.checks import check_dim, check_dtype, check_rank, pair
+from dtrain.nn.checks import check_dim, check_dtype, check_rank, pair, positive_int
 from dtrain.nn.blocks import for_blocks
 from dtrain.nn.gemm import matmul
 from dtrain.nn.im2col import col2im, im2col, sliding_output_hw
@@ -39,11 +39,8 @@ class Conv2d(Module):
         dtype: Any = None,
     ) -> None:
         super().__init__()
-        for what, value in (("in_channels", in_channels), ("out_channels", out_channels)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"Conv2d: {what} must be a positive int, got {value!r}")
-        self.in_channels = in_channels
-        self.out_channels = out_channels
+        self.in_channels = positive_int(in_channels, "in_channels", "Conv2d")
+        self.out_channels = positive_int(out_channels, "out_channels", "Conv2d")
         self.has_bias = bool(bias)
         self.kernel_size = pair(kernel_size, "kernel_size", "Conv2d")
         self.stride = pair(stride, "stride", "Conv2d")

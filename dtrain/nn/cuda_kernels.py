@@ -29,23 +29,23 @@ Pair = tuple[int, int]
 _GEOMETRY = ("int64 C, int64 H, int64 W, int64 N, int64 KH, int64 KW, int64 SH, int64 SW, "
              "int64 PH, int64 PW, int64 OH, int64 OW")
 
-# Thread i's (c, oh, ow, b) in a (C, OH, OW, N) array.
-_OUTPUT_INDEX = """
-    long long t = i;
-    const long long b = t % N; t /= N;  // the sample (n and i are CuPy's names)
-    const long long ow = t % OW; t /= OW;
-    const long long oh = t % OH;
-    const long long c = t / OH;
-"""
+def _unravel(*axes: tuple[str, str]) -> str:
+    """C code splitting thread ``i``'s flat index into named indices, fastest axis first.
 
-# Thread i's (c, h, w, b) in a (C, H, W, N) array.
-_INPUT_INDEX = """
-    long long t = i;
-    const long long b = t % N; t /= N;  // the sample (n and i are CuPy's names)
-    const long long w = t % W; t /= W;
-    const long long h = t % H;
-    const long long c = t / H;
-"""
+    ``axes`` are ``(index name, size name)`` pairs from the fastest-varying axis of a
+    C-contiguous array to the slowest; the slowest takes what is left.
+    """
+    lines = ["long long t = i;"]
+    for index, size in axes[:-1]:
+        lines.append(f"const long long {index} = t % {size}; t /= {size};")
+    lines.append(f"const long long {axes[-1][0]} = t;")
+    return "\n".join(lines) + "\n"
+
+
+# Thread i's (c, oh, ow, b) in a (C, OH, OW, N) array, and (c, h, w, b) in a (C, H, W, N)
+# one. The sample is b: n and i are CuPy's names.
+_OUTPUT_INDEX = _unravel(("b", "N"), ("ow", "OW"), ("oh", "OH"), ("c", "C"))
+_INPUT_INDEX = _unravel(("b", "N"), ("w", "W"), ("h", "H"), ("c", "C"))
 
 # For input (h, w): the outputs (oh, ow) whose window has it at offset (ki, kj); runs BODY for
 # each, offsets in increasing order. Output oh covers padded rows oh*SH .. oh*SH+KH-1.
@@ -71,14 +71,8 @@ _FOR_EACH_COVERING_OUTPUT = """
 # for float16, which accumulates in float32 like cuDNN.
 KERNELS: dict[str, tuple[str, str, str]] = {
     # cols row (c, ki, kj), column (oh, ow, b): the input under that offset, 0 in the padding.
-    "im2col": ("raw T x", "T col", """
-        long long t = i;
-        const long long b = t % N; t /= N;  // the sample (n and i are CuPy's names)
-        const long long ow = t % OW; t /= OW;
-        const long long oh = t % OH; t /= OH;
-        const long long kj = t % KW; t /= KW;
-        const long long ki = t % KH;
-        const long long c = t / KH;
+    "im2col": ("raw T x", "T col", _unravel(("b", "N"), ("ow", "OW"), ("oh", "OH"), ("kj", "KW"), ("ki", "KH"),
+                                            ("c", "C")) + """
         const long long h = oh * SH + ki - PH;
         const long long w = ow * SW + kj - PW;
         col = (h >= 0 && h < H && w >= 0 && w < W) ? x[((c * H + h) * W + w) * N + b] : (T)0;
@@ -192,7 +186,8 @@ def max_pool_forward(x: Array, kernel: Pair, stride: Pair, padding: Pair, out_hw
     import cupy
 
     y = cupy.empty(argmax.shape, dtype=x.dtype)
-    _kernels()["max_pool_forward"](_flat(x), _zero(x.dtype), *_geometry(x.shape, kernel, stride, padding, out_hw), y, argmax)
+    geometry = _geometry(x.shape, kernel, stride, padding, out_hw)
+    _kernels()["max_pool_forward"](_flat(x), _zero(x.dtype), *geometry, y, argmax)
     return y
 
 

@@ -6,7 +6,7 @@ from typing import Any
 import numpy as np
 
 from dtrain.backend import DEFAULT_DTYPE, get_array_module
-from dtrain.nn.checks import check_dim, check_dtype, check_rank
+from dtrain.nn.checks import check_dim, check_dtype, check_rank, positive_int
 from dtrain.nn.gemm import matmul
 from dtrain.nn.init import bias_uniform, initialize
 from dtrain.nn.module import Array, Module, Shape
@@ -31,11 +31,8 @@ class Linear(Module):
         dtype: Any = None,
     ) -> None:
         super().__init__()
-        for what, value in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"Linear: {what} must be a positive int, got {value!r}")
-        self.in_features = in_features
-        self.out_features = out_features
+        self.in_features = positive_int(in_features, "in_features", "Linear")
+        self.out_features = positive_int(out_features, "out_features", "Linear")
         rng = rng if rng is not None else np.random.default_rng()
         dtype = np.dtype(dtype if dtype is not None else DEFAULT_DTYPE)
         weight = initialize(init, rng, (out_features, in_features), layer=repr(self))

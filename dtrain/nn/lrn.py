@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from dtrain.backend import get_array_module
+from dtrain.nn.checks import positive_int
 from dtrain.nn.module import Array, Module, Shape
 
 
@@ -30,8 +31,7 @@ class LocalResponseNorm(Module):
 
     def __init__(self, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0) -> None:
         super().__init__()
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"LocalResponseNorm: size must be a positive int, got {size!r}")
+        positive_int(size, "size", "LocalResponseNorm")
         if not k > 0:
             raise ValueError(f"LocalResponseNorm: k must be > 0 so the denominator stays positive, got {k!r}")
         self.size = size
