@@ -181,15 +181,16 @@ class LossScaler:
 class FullPrecision:
     """Forward and backward on the master model itself (``precision.compute=float32``).
 
-    Every hook is a no-op, so the training loop does exactly what it did before mixed
-    precision existed: no copies, loss scale 1.
+    Every hook is a no-op: no copies, loss scale 1. ``model`` and ``flat`` are the compute
+    model and its flat buffers, here the master's own.
     """
 
     mixed = False
     loss_scale = 1.0
 
-    def __init__(self, master: Sequential) -> None:
+    def __init__(self, master: Sequential, master_flat: FlatParameters) -> None:
         self.model = master
+        self.flat = master_flat
 
     def prepare(self) -> None:
         """Bring the compute model's parameters up to date with the master (nothing to do)."""
@@ -200,6 +201,11 @@ class FullPrecision:
 
     def grads_to_master(self) -> None:
         """Put the compute model's unscaled gradients into the master buffer (already there)."""
+
+    def unscale_into(self, grads: Array, out: Array) -> None:
+        """``out`` (master dtype) = the unscaled gradient ``grads`` of a compute model (a copy here)."""
+        if out is not grads:
+            out[...] = grads
 
     def overflowed(self, finite: bool) -> bool:
         """Whether a non-finite gradient is a routine loss-scaling overflow (never here)."""
@@ -233,7 +239,7 @@ class MixedPrecision(FullPrecision):
 
     def __init__(self, master: Sequential, master_flat: FlatParameters, twin: Sequential,
                  twin_flat: FlatParameters, scaler: LossScaler) -> None:
-        super().__init__(master)
+        super().__init__(master, master_flat)
         if master_flat.dtype != np.float32 or twin_flat.dtype != np.float16:
             raise ValueError(
                 f"MixedPrecision needs float32 master and float16 compute parameters; got "
@@ -246,6 +252,7 @@ class MixedPrecision(FullPrecision):
             )
         _share_buffers(master, twin)
         self.model = twin
+        self.flat = twin_flat
         self.master = master
         self.master_flat = master_flat
         self.twin_flat = twin_flat
@@ -265,10 +272,13 @@ class MixedPrecision(FullPrecision):
 
     def grads_to_master(self) -> None:
         """``master grads = float32(twin grads) * (1 / scale)``; an Inf/NaN stays non-finite."""
-        xp = get_array_module(self.twin_flat.grads)
+        self.unscale_into(self.twin_flat.grads, self.master_flat.grads)
+
+    def unscale_into(self, grads: Array, out: Array) -> None:
+        """``out = float32(grads) * (1 / scale)`` for float16 ``grads`` of a compute model."""
+        xp = get_array_module(grads)
         # dtype=float32: multiply in float32; in float16 small unscaled gradients would underflow.
-        xp.multiply(self.twin_flat.grads, np.float32(1.0 / self.scaler.scale), out=self.master_flat.grads,
-                    dtype=np.float32)
+        xp.multiply(grads, np.float32(1.0 / self.scaler.scale), out=out, dtype=np.float32)
 
     def overflowed(self, finite: bool) -> bool:
         """Record this step's gradient finiteness; True when a non-finite gradient is a float16
@@ -322,7 +332,7 @@ def make_precision(settings: PrecisionSettings, master: Sequential, master_flat:
     else :class:`MixedPrecision` around a compute twin built from the master's model
     ``spec`` and ``seed`` and converted to float16 on the master's array module."""
     if not settings.mixed:
-        return FullPrecision(master)
+        return FullPrecision(master, master_flat)
     xp = get_array_module(master_flat.params)
     twin = build_model(spec, seed=seed, dtype=np.float32).to(xp, np.float16)
     twin.train(master.training)

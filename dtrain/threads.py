@@ -1,42 +1,71 @@
-"""BLAS thread budget per process: all cores for one process, one per rank under MPI."""
+"""The process's CPU thread budget and the one handle on its BLAS thread pool.
+
+A process gets ``threads`` cores if the config says so, else every core when it runs
+alone and one per rank under MPI (:func:`thread_budget`). The budget is applied to the
+BLAS library (OpenBLAS or MKL, found through threadpoolctl once per process) and read
+back by the code that spreads memory-bound work over threads (:mod:`dtrain.nn.blocks`),
+so GEMMs and copies use the same cores and no more.
+
+OpenBLAS built with pthreads (NumPy's wheels) has one process-wide thread count, so
+:func:`blas_threads` changes it for the whole process; call it from the thread that
+drives the work, never from two threads at once.
+"""
 from __future__ import annotations
 
-import logging
 import os
+from contextlib import contextmanager
+from typing import Any, Iterator
 
-from threadpoolctl import ThreadpoolController, threadpool_limits
+from threadpoolctl import ThreadpoolController
 
-log = logging.getLogger("dtrain")
-_limiter = None
-_blas_controllers = None  # threadpoolctl's handles on the loaded BLAS libraries, found once
+_controllers: list[Any] | None = None  # threadpoolctl's handles on the loaded BLAS libraries
 
 
-def blas_threads_for(threads: int | None, world_size: int) -> int:
-    """The BLAS thread count to use: ``threads`` if given, else cores (1 per rank when size > 1)."""
+def _blas_libraries() -> list[Any]:
+    """threadpoolctl's controllers of the BLAS libraries loaded in this process, found once
+    (after NumPy is imported, which loads its BLAS)."""
+    global _controllers
+    if _controllers is None:
+        import numpy  # noqa: F401  (loads NumPy's BLAS before the search)
+
+        _controllers = list(ThreadpoolController().select(user_api="blas").lib_controllers)
+    return _controllers
+
+
+def thread_budget(threads: int | None, world_size: int) -> int:
+    """The cores one process may use: ``threads`` if given, else all (1 per rank when size > 1)."""
     if threads is not None:
-        if threads < 1:
-            raise ValueError(f"threads must be >= 1 or null; got {threads}")
-        return int(threads)
-    return 1 if world_size > 1 else (os.cpu_count() or 1)
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads must be an int >= 1 or null; got {threads!r}")
+        return threads
+    return 1 if world_size > 1 else usable_cores()
 
 
-def limit_blas_threads(threads: int | None, world_size: int) -> int:
-    """Cap this process's BLAS (OpenBLAS/MKL) thread pool; returns the count applied."""
-    global _limiter
-    n = blas_threads_for(threads, world_size)
-    _limiter = threadpool_limits(limits=n, user_api="blas")
-    return n
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, else the machine's count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def set_blas_threads(n: int) -> None:
+    """Set the BLAS thread count of the whole process to ``n``."""
+    for lib in _blas_libraries():
+        lib.set_num_threads(n)
 
 
 def current_blas_threads() -> int:
-    """The BLAS thread count in force now: the process's thread budget.
+    """The BLAS thread count in force now; with several BLAS libraries the smallest
+    (never oversubscribe), 1 when none is loaded. A library call, about a microsecond."""
+    return max(1, min([lib.get_num_threads() or 1 for lib in _blas_libraries()], default=1))
 
-    :func:`limit_blas_threads`, a ``threadpool_limits`` block or the row partitioner may
-    have changed it. With several BLAS libraries loaded, the smallest count (never
-    oversubscribe); 1 when none is. Reading it is a library call (about a microsecond);
-    the libraries are looked up on first use.
-    """
-    global _blas_controllers
-    if _blas_controllers is None:
-        _blas_controllers = ThreadpoolController().select(user_api="blas").lib_controllers
-    return max(1, min([c.get_num_threads() or 1 for c in _blas_controllers], default=1))
+
+@contextmanager
+def blas_threads(n: int) -> Iterator[None]:
+    """Run the block with the process's BLAS thread count set to ``n``, restored afterwards."""
+    before = current_blas_threads()
+    set_blas_threads(n)
+    try:
+        yield
+    finally:
+        set_blas_threads(before)

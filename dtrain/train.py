@@ -25,18 +25,20 @@ from dtrain.data import Batch, DataLoader, Dataset, DatasetUnavailable, load_dat
 from dtrain.dist import Communicator, make_communicator
 from dtrain.dist.buckets import GradientReducer, resolve_overlap
 from dtrain.dist.guard import install_abort_on_exception
-from dtrain.dist.ordered import OrderedChainReducer
+from dtrain.dist.ordered import OrderedChainReducer, chunk_range
 from dtrain.dist.sync import broadcast_parameters, check_consistency, make_stats_reducer
 from dtrain.models import build_model
+from dtrain.nn import gemm
 from dtrain.nn.batchnorm import BatchNorm1d, BatchNorm2d
 from dtrain.nn.flat import FlatParameters
 from dtrain.nn.loss import SoftmaxCrossEntropy, accuracy_counts
 from dtrain.nn.module import Sequential
 from dtrain.optim import LRSchedule, build_optimizer
 from dtrain.parallel import enable_row_partition
+from dtrain.parallel.workers import ComputeWorker, WorkerPool
 from dtrain.precision import FullPrecision, PrecisionSettings, enable_tf32, make_precision
 from dtrain.tensorboard import TBLogger
-from dtrain.threads import limit_blas_threads
+from dtrain.threads import set_blas_threads, thread_budget
 from dtrain.timeline import ChromeTrace, PhaseTimer, format_breakdown, peak_host_rss_bytes, timeline_scalars
 
 log = logging.getLogger("dtrain")
@@ -59,6 +61,7 @@ class Run:
     train_set: Dataset | None
     test_set: Dataset | None
     precision: PrecisionSettings = field(default_factory=PrecisionSettings)
+    threads: int = 1  # this process's thread budget
     step: int = 0
     epoch: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
@@ -75,7 +78,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                              devices_per_rank=cfg.parallel.devices_per_rank,
                              mpi_piece_bytes=int(cfg.parallel.mpi_piece_mb * 2**20))
     install_abort_on_exception(comm)
-    limit_blas_threads(cfg.threads, comm.size)
+    set_blas_threads(thread_budget(cfg.threads, comm.size))
     devices = row_partition_devices(cfg.parallel, comm.local_rank, device)
     if len(devices) > 1:
         enable_row_partition(devices)
@@ -142,7 +145,8 @@ def _setup(cfg: DictConfig, run_dir: Path, comm: Communicator) -> Run:
                 layer.stats_reducer = reducer
     train_set, test_set = _load_data(cfg, comm)
     return Run(cfg=cfg, run_dir=run_dir, comm=comm, xp=xp, dtype=dtype, model=model,
-               train_set=train_set, test_set=test_set, precision=precision)
+               train_set=train_set, test_set=test_set, precision=precision,
+               threads=thread_budget(cfg.threads, comm.size))
 
 
 def _load_data(cfg: DictConfig, comm: Communicator) -> tuple[Dataset | None, Dataset | None]:
@@ -201,7 +205,8 @@ def train(r: Run) -> dict[str, Any]:
     tcfg = cfg.trainer
     if r.train_set is None:
         raise ValueError(f"data {cfg.data.name!r} has no training split")
-    if tcfg.batch_size % comm.size:
+    share = _deterministic_share(r) if cfg.parallel.deterministic else None
+    if share is None and tcfg.batch_size % comm.size:
         raise ValueError(
             f"trainer.batch_size={tcfg.batch_size} (the global batch) must be divisible by the "
             f"number of ranks ({comm.size})"
@@ -210,7 +215,7 @@ def train(r: Run) -> dict[str, Any]:
     optimizer = _make_optimizer(cfg, flat)
     loader = DataLoader(r.train_set, global_batch=tcfg.batch_size, rank=comm.rank, world_size=comm.size,
                         seed=cfg.seed, shuffle=True, drop_last=True, augment=cfg.data.augment,
-                        xp=xp, dtype=r.dtype, prefetch=_prefetch_depth(cfg))
+                        xp=xp, dtype=r.dtype, prefetch=_prefetch_depth(cfg), share=share)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise ValueError(
@@ -229,7 +234,7 @@ def train(r: Run) -> dict[str, Any]:
     broadcast_parameters(comm, model)
     comm.barrier()  # start the first step together, so its communication wait is not start-up skew
     reducer, chain = _make_reducer(r, flat, mp)
-    loss_fn = SoftmaxCrossEntropy()
+    worker = ComputeWorker(mp.model, mp.flat, mp)
     tb = TBLogger(r.run_dir / "tensorboard", enabled=r.is_main and cfg.logging.tensorboard,
                   hist_interval=cfg.logging.hist_interval)
     # Every step is timed by phase (the summary's breakdown); logging.timeline also keeps
@@ -258,7 +263,10 @@ def train(r: Run) -> dict[str, Any]:
                 batch = loader.to_device(host_batch)
             lr = schedule.lr_at(r.step)
             optimizer.lr = lr
-            loss_sum, correct, count = _compute_gradients(r, batch, loss_fn, mp, reducer, chain, timer)
+            if chain is not None:
+                loss_sum, correct, count = chain.compute_gradients(batch, r.step, timer)
+            else:
+                loss_sum, correct, count = _compute_gradients(r, batch, worker, reducer, timer)
             loss_value = loss_sum / max(count, 1)
             # Checked on the averaged gradient, which every rank holds identically, so all
             # ranks take the same decision (a rank-local loss check could split them).
@@ -328,6 +336,8 @@ def train(r: Run) -> dict[str, Any]:
     if trace is not None:
         _publish_timeline(r, timer, trace, tb)
         trace.close()
+    if chain is not None:
+        chain.pool.close()
     last_good = _save(r, ckpts, optimizer, mp)
     summary = _summary(r, images_seen, train_time, last_good, timer, mp)
     if r.is_main:
@@ -366,6 +376,20 @@ def _make_schedule(cfg: DictConfig, total_steps: int) -> LRSchedule:
                       step_size=s.step_size, gamma=s.gamma, min_lr=s.min_lr)
 
 
+def _deterministic_share(r: Run) -> tuple[int, int]:
+    """The samples of every global batch that this rank computes in deterministic mode:
+    its run of whole micro-batches."""
+    p, batch = r.cfg.parallel, r.cfg.trainer.batch_size
+    if batch % p.deterministic_chunks:
+        raise ValueError(
+            f"parallel.deterministic=true splits the global batch into parallel.deterministic_chunks="
+            f"{p.deterministic_chunks} micro-batches; trainer.batch_size={batch} must be a multiple of it"
+        )
+    first, stop = chunk_range(p.deterministic_chunks, r.comm.rank, r.comm.size)
+    size = batch // p.deterministic_chunks
+    return first * size, stop * size
+
+
 def _make_reducer(r: Run, flat: FlatParameters,
                   mp: FullPrecision) -> tuple[GradientReducer | None, OrderedChainReducer | None]:
     """The gradient averaging strategy: bucketed all-reduce, or the deterministic chain."""
@@ -378,50 +402,38 @@ def _make_reducer(r: Run, flat: FlatParameters,
             log.info("precision.compute=float16: gradient all-reduce without overlap (parallel.overlap ignored)")
         overlap = False
     if p.deterministic:
-        if r.cfg.trainer.batch_size % p.deterministic_chunks:
+        if p.sync_batchnorm and comm.size > 1:
             raise ValueError(
-                f"parallel.deterministic=true splits the global batch into parallel.deterministic_chunks="
-                f"{p.deterministic_chunks} micro-batches; trainer.batch_size={r.cfg.trainer.batch_size} "
-                f"must be a multiple of it"
+                "parallel.sync_batchnorm=true does not combine with parallel.deterministic=true: there BatchNorm "
+                "normalizes each micro-batch by its own statistics (whichever rank computes it) and every rank "
+                "applies all micro-batches' running statistics in one order; set parallel.sync_batchnorm=false"
             )
-        return None, OrderedChainReducer(flat, comm, p.deterministic_chunks)
+        first, stop = chunk_range(p.deterministic_chunks, comm.rank, comm.size)
+        # One micro-batch per core at a time; on a GPU, or with GEMMs split over row
+        # partitions (which bring their own threads), one at a time.
+        workers = 1 if r.xp is not np or gemm.partitioned() else min(r.threads, stop - first)
+        spec = OmegaConf.to_container(r.cfg.model, resolve=True)
+
+        def build_replica() -> Sequential:
+            return build_model(spec, seed=r.cfg.seed, dtype=r.dtype).to(r.xp, mp.flat.dtype).train()
+
+        pool = WorkerPool(mp, build_replica, workers)
+        return None, OrderedChainReducer(flat, comm, p.deterministic_chunks, pool, mp, r.model)
     if comm.size == 1:
         return None, None
     return GradientReducer(flat, comm, r.model, bucket_bytes=int(p.bucket_mb * 2**20), overlap=overlap), None
 
 
-def _compute_gradients(r: Run, batch: Batch, loss_fn: SoftmaxCrossEntropy, mp: FullPrecision,
-                       reducer: GradientReducer | None, chain: OrderedChainReducer | None,
+def _compute_gradients(r: Run, batch: Batch, worker: ComputeWorker, reducer: GradientReducer | None,
                        timer: PhaseTimer) -> tuple[float, int, int]:
     """Forward and backward of this rank's share of the global batch, leaving the gradient
     averaged over all ranks in the (master) flat buffer. Returns (loss sum, correct, count)
-    of the local samples. Deterministic mode runs the share as the chain's micro-batches."""
-    model = mp.model  # the master model, or its float16 compute twin
-    parts = chain.local_chunks if chain is not None else 1
-    size = len(batch.sample_ids) // parts
-    loss_sum, correct, count = 0.0, 0, 0
-    for j in range(parts):
-        part = slice(j * size, (j + 1) * size)
-        model.set_batch_context(r.step, batch.sample_ids[part])
-        with timer.phase("forward"):
-            if j == 0:  # the master parameters into the compute model, once per step
-                mp.prepare()
-            logits = model.forward(mp.cast_input(batch.x[part]))
-            loss = loss_fn.forward(logits, batch.y[part])
-        with timer.phase("backward"):  # overlapped all-reduce buckets start in here
-            model.backward(loss_fn.backward(mp.loss_scale))
-            mp.grads_to_master()
-        if chain is not None:
-            with timer.phase("comm"):
-                chain.add()
-        c, k = accuracy_counts(logits, batch.y[part])
-        loss_sum, correct, count = loss_sum + float(loss) * k, correct + c, count + k
+    of the local samples."""
+    stats = worker.forward_backward(batch.x, batch.y, r.step, batch.sample_ids, timer, sync_master=True)
     with timer.phase("comm"):
-        if chain is not None:
-            chain.finish()
-        elif reducer is not None:
+        if reducer is not None:
             timer.add_buckets(reducer.finish().buckets)
-    return loss_sum, correct, count
+    return stats
 
 
 def _publish_timeline(r: Run, timer: PhaseTimer, trace: ChromeTrace, tb: TBLogger) -> None:

@@ -13,36 +13,19 @@ workspace allocation) count in the figures, so use enough steps to amortize them
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def mpirun() -> str:
-    beside = Path(sys.executable).parent / "mpirun"
-    found = str(beside) if beside.is_file() else shutil.which("mpirun")
-    if found is None:
-        sys.exit("mpirun not found: pip install 'dtrain[mpi]'")
-    return found
+from benchlib import median_run, train_summary
 
 
 def run(ranks: int, args: argparse.Namespace, overlap: bool, out: Path) -> dict:
-    run_dir = Path(tempfile.mkdtemp(prefix=f"r{ranks}-overlap{int(overlap)}-", dir=out))
-    env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
-    cmd = [mpirun(), "--oversubscribe", "--bind-to", "none", "-n", str(ranks), sys.executable, "-m", "dtrain",
-           f"model={args.model}", "data=synthetic", f"data.train_size={args.per_rank_batch * ranks * args.steps}",
-           "data.test_size=64", f"trainer.batch_size={args.per_rank_batch * ranks}", "trainer.epochs=1",
-           "trainer.progress=false", "threads=1", "device=cpu", "logging.tensorboard=false",
-           "trainer.checkpoint_every=0", f"parallel.overlap={str(overlap).lower()}",
-           f"parallel.bucket_mb={args.bucket_mb}", f"hydra.run.dir={run_dir}"]
-    subprocess.run(cmd, check=True, cwd=out, env=env, capture_output=not args.verbose)
-    return json.loads((run_dir / "summary.json").read_text())
+    overrides = [f"model={args.model}", "data=synthetic", f"data.train_size={args.per_rank_batch * ranks * args.steps}",
+                 "data.test_size=64", f"trainer.batch_size={args.per_rank_batch * ranks}", "trainer.epochs=1",
+                 "trainer.progress=false", "threads=1", "device=cpu", "logging.tensorboard=false",
+                 "trainer.checkpoint_every=0", f"parallel.overlap={str(overlap).lower()}",
+                 f"parallel.bucket_mb={args.bucket_mb}"]
+    return train_summary(overrides, out, ranks, args.verbose)
 
 
 def main() -> None:
@@ -61,7 +44,7 @@ def main() -> None:
         for _ in range(args.repeats):
             for ranks, overlap in configs:
                 runs[(ranks, overlap)].append(run(ranks, args, overlap, Path(tmp)))
-    median = {c: sorted(rs, key=lambda s: s["images_per_sec"])[len(rs) // 2] for c, rs in runs.items()}
+    median = {c: median_run(rs) for c, rs in runs.items()}
     base = median[(1, False)]["images_per_sec"]
     print(f"{args.model}, per-rank batch {args.per_rank_batch}, 1 BLAS thread per rank, {args.steps} steps, "
           f"synthetic data, CPU; median run of {args.repeats}")

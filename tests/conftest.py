@@ -3,8 +3,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from threadpoolctl import threadpool_info
 
 from dtrain.backend import gpu_available
+
+
+def pytest_report_header(config):
+    """Which BLAS and kernel family the run uses (BLAS-sensitive results depend on it)."""
+    libs = [lib for lib in threadpool_info() if lib.get("user_api") == "blas"]
+    return [f"BLAS: {lib.get('internal_api')} {lib.get('version')}, kernels {lib.get('architecture')}, "
+            f"{lib.get('num_threads')} threads" for lib in libs] or ["BLAS: none found by threadpoolctl"]
 
 
 def _xp_params():

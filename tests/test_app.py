@@ -69,6 +69,7 @@ def test_multirun_sweep_runs_each_value(tmp_path):
     assert any("optim.lr=0.01" in c for c in cfgs) and any("optim.lr=0.05" in c for c in cfgs)
 
 
+@pytest.mark.blas
 def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path):
     assert_resume_matches_uninterrupted(tmp_path)
 
@@ -111,6 +112,7 @@ def test_float16_training_learns_and_records_precision(tmp_path):
     assert "precision float16 compute, float32 master weights" in proc.stdout + proc.stderr
 
 
+@pytest.mark.blas
 def test_interrupted_and_resumed_float16_run_matches_uninterrupted(tmp_path):
     # growth_interval=2: the scale grows (and the tracker counts) across the resume point.
     assert_resume_matches_uninterrupted(tmp_path, "precision.compute=float16", "precision.growth_interval=2")

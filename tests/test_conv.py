@@ -68,6 +68,7 @@ def test_im2col_layout(rng):
         assert blocks[c, i, j, oh, ow, n] == padded[n, c, oh + i, 2 * ow + j]
 
 
+@pytest.mark.blas
 def test_workspaces_are_reused_but_results_are_fresh(rng):
     layer = Conv2d(2, 3, 3, padding=1, rng=rng, dtype=np.float64)
     x1, x2 = rng.normal(size=(1, 2, 4, 4)), rng.normal(size=(1, 2, 4, 4))

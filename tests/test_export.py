@@ -137,6 +137,7 @@ def test_dtrain_weights_into_torch(tmp_path, suffix):
 
 
 @pytest.mark.parametrize("suffix", FORMATS)
+@pytest.mark.blas
 def test_file_round_trip_keeps_names_dtypes_and_values(tmp_path, suffix):
     model = dtrain_model(seed=3, dtype=np.float32)
     warm_up_dtrain(model)

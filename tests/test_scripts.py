@@ -64,3 +64,17 @@ def test_bench_allreduce_reports_bus_bandwidth_on_two_ranks():
     for size in ("1", "2"):
         time_ms, algbw, busbw = map(float, table_row(result.stdout, size)[1:4])
         assert time_ms > 0 and busbw == pytest.approx(algbw, rel=0.02)  # 2 ranks: busbw = algbw * 2(n-1)/n
+
+
+def test_bench_deterministic_prints_the_cost_of_determinism():
+    out = run_script("bench_deterministic.py", "--model", "lenet", "--batch", "12", "--steps", "2", "--repeats", "1")
+    for mode in ("default,", "deterministic,"):
+        assert table_row(out, mode)
+    ratio = float(out.split("deterministic / default (2 threads):")[1].split()[0])
+    assert ratio > 0
+
+
+def test_bench_scaling_prints_efficiency():
+    out = run_script("bench_scaling.py", "--model", "lenet", "--ranks", "2", "--per-rank-batch", "8", "--steps", "2",
+                     "--repeats", "1")
+    assert "efficiency" in out and len(table_row(out, "2")) >= 9

@@ -7,6 +7,8 @@ one step, concatenated in rank order, are exactly the batch a single process wou
 With ``drop_last=False`` the final, partial global batch is split as evenly as possible
 (:func:`shard_bounds`): some ranks get one sample fewer, and a rank gets an empty batch when
 fewer samples than ranks remain, so a trainer must weight gradients by the global count.
+A rank may instead be given an explicit ``share``, a sample range of every global batch
+(deterministic training hands out whole micro-batches, which need not split evenly).
 """
 from __future__ import annotations
 
@@ -53,7 +55,8 @@ class DataLoader:
     ``prefetch`` batches runs in a background thread; the transfer to the device happens in
     the consuming thread, on the device and stream that thread is using. Iterating yields
     device batches; a trainer that times the copy on its own iterates :meth:`host_batches`
-    and calls :meth:`to_device` itself.
+    and calls :meth:`to_device` itself. ``share=(start, stop)``: take samples ``start ..
+    stop - 1`` of every global batch instead of the rank's equal slice (needs ``drop_last``).
     """
 
     def __init__(
@@ -69,12 +72,18 @@ class DataLoader:
         xp: ModuleType = np,
         dtype: Any = np.float32,
         prefetch: int = 2,
+        share: tuple[int, int] | None = None,
     ) -> None:
         check_rank(rank, world_size)
         for what, value, low in (("global_batch", global_batch, 1), ("seed", seed, 0), ("prefetch", prefetch, 0)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
                 raise ValueError(f"DataLoader: {what} must be an int >= {low}, got {value!r}")
-        if global_batch % world_size:
+        if share is not None:
+            start, stop = share
+            if not 0 <= start < stop <= global_batch or not drop_last:
+                raise ValueError(f"DataLoader: share must be a sample range (start, stop) with 0 <= start < stop <= "
+                                 f"global_batch={global_batch}, with drop_last=True; got {share!r}")
+        elif global_batch % world_size:
             raise ValueError(
                 f"DataLoader: global_batch={global_batch} is not divisible by world_size={world_size}; "
                 f"use a multiple of {world_size} so every rank gets the same local batch"
@@ -92,12 +101,15 @@ class DataLoader:
         self.seed, self.shuffle, self.drop_last = int(seed), shuffle, drop_last
         self.augment, self.xp, self.dtype = augment, xp, np.dtype(dtype)
         self.prefetch = int(prefetch)
+        self.share = None if share is None else (int(share[0]), int(share[1]))
         self.epoch = 0
         self.start_batch = 0
 
     @property
     def local_batch(self) -> int:
-        """Samples per rank in a full global batch."""
+        """Samples this rank takes from a full global batch."""
+        if self.share is not None:
+            return self.share[1] - self.share[0]
         return self.global_batch // self.world_size
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
@@ -119,7 +131,7 @@ class DataLoader:
         batches = []
         for b in range(len(self)):
             chunk = order[b * self.global_batch:(b + 1) * self.global_batch]
-            start, stop = shard_bounds(len(chunk), self.rank, self.world_size)
+            start, stop = self.share or shard_bounds(len(chunk), self.rank, self.world_size)
             batches.append(chunk[start:stop])
         return batches
 

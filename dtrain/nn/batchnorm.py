@@ -4,6 +4,12 @@ Training normalizes with the statistics of the batch and updates the running est
 (the variance estimate is the unbiased one, as in PyTorch); evaluation normalizes with
 the running estimates.
 
+Deferred running statistics: with ``defer_running_stats = True`` a training forward
+records its batch mean and unbiased variance instead of updating the running estimates;
+:meth:`take_running_stats` hands the records out and :meth:`apply_running_stats` applies
+one. Deterministic data-parallel training uses this to apply every micro-batch's
+statistics in one global order, whichever rank or thread computed it.
+
 Synchronized batch norm: set ``stats_reducer`` to a callable that all-reduces (sums) a
 1-D array across ranks. Forward then reduces the per-channel ``[sum, sum_sq, count]``
 (each of length C, concatenated) and backward the per-channel ``[sum(g), sum(g * x_hat),
@@ -58,6 +64,8 @@ class _BatchNorm(Module):
         self.momentum = None if momentum is None else float(momentum)
         self.affine = affine
         self.stats_reducer: StatsReducer | None = None
+        self.defer_running_stats = False
+        self._deferred: list[tuple[Array, Array]] = []
         dtype = np.dtype(dtype if dtype is not None else DEFAULT_DTYPE)
         if affine:
             self.register_param("weight", np.ones(num_features, dtype=dtype))
@@ -120,10 +128,21 @@ class _BatchNorm(Module):
                 f"{self!r} needs more than one value per channel in training mode, got input of shape "
                 f"{tuple(x.shape)}; use a larger batch or call .eval()"
             )
-        self._update_running(mean, var * (n / (n - 1)))
+        if self.defer_running_stats:
+            self._deferred.append((mean, var * (n / (n - 1))))
+        else:
+            self.apply_running_stats(mean, var * (n / (n - 1)))
         return mean, var
 
-    def _update_running(self, mean: Array, unbiased_var: Array) -> None:
+    def take_running_stats(self) -> list[tuple[Array, Array]]:
+        """The ``(batch mean, unbiased batch variance)`` pairs, each (C,), that training
+        forwards recorded since the last call (``defer_running_stats``), oldest first."""
+        records, self._deferred = self._deferred, []
+        return records
+
+    def apply_running_stats(self, mean: Array, unbiased_var: Array) -> None:
+        """Move the running estimates towards one batch's statistics (momentum, or the
+        cumulative average when ``momentum`` is None) and count the batch."""
         tracked = self.buffers["num_batches_tracked"]
         tracked[...] += 1
         factor = self.momentum if self.momentum is not None else 1.0 / float(tracked)

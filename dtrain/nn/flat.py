@@ -59,9 +59,14 @@ class FlatParameters:
     Flattening a model whose arrays are still views of another live ``FlatParameters`` is
     a ``RuntimeError`` (reuse that object instead); once the arrays were rebound
     elsewhere (e.g. by ``Module.to``), flattening again is allowed.
+
+    ``share_params_with``: another model's ``FlatParameters`` with the same layout (the
+    same architecture and ``align``). This model's parameters then become views of *its*
+    parameter buffer (their own values are dropped) while the gradients get a buffer of
+    their own: a replica that computes its own gradients of the shared weights.
     """
 
-    def __init__(self, model: Module, align: int = 1) -> None:
+    def __init__(self, model: Module, align: int = 1, share_params_with: "FlatParameters | None" = None) -> None:
         if not isinstance(model, Module):
             raise TypeError(f"FlatParameters needs a dtrain Module, got {type(model).__name__}")
         if isinstance(align, bool) or not isinstance(align, int) or align < 1:
@@ -94,12 +99,17 @@ class FlatParameters:
 
         self.align = align
         self.size = _round_up(offset, align)
-        self.params: Array = xp.zeros(self.size, dtype=dtype)
+        self.entries = entries
+        if share_params_with is not None:
+            self._check_same_layout(share_params_with, xp, dtype)
+            self.params: Array = share_params_with.params
+        else:
+            self.params = xp.zeros(self.size, dtype=dtype)
         self.grads: Array = xp.zeros(self.size, dtype=dtype)
         self.nbytes = int(self.params.nbytes)
-        self.entries = entries
         for e in entries:
-            self.params[e.offset:e.end] = e.module.params[e.key].reshape(-1)
+            if share_params_with is None:
+                self.params[e.offset:e.end] = e.module.params[e.key].reshape(-1)
             self.grads[e.offset:e.end] = e.module.grads[e.key].reshape(-1)
             e.module.params[e.key] = self.params[e.offset:e.end].reshape(e.shape)
             e.module.grads[e.key] = self.grads[e.offset:e.end].reshape(e.shape)
@@ -136,6 +146,17 @@ class FlatParameters:
                 f"rebound the array (e.g. Module.to after flattening, or a layer assigning "
                 f"grads[key] = ... instead of writing grads[key][...] = ...); write in place, or "
                 f"move/cast the model before building FlatParameters"
+            )
+
+    def _check_same_layout(self, other: "FlatParameters", xp: Any, dtype: Any) -> None:
+        mine = [(e.name, e.offset, e.size, e.shape) for e in self.entries]
+        theirs = [(e.name, e.offset, e.size, e.shape) for e in other.entries]
+        if mine != theirs or self.size != other.size or get_array_module(other.params) is not xp \
+                or other.dtype != dtype:
+            raise ValueError(
+                "FlatParameters: share_params_with needs a model of the same architecture, array module and "
+                f"dtype flattened with the same align; got {other!r} for a model laid out as "
+                f"{len(mine)} tensors, size={self.size}, dtype={dtype}"
             )
 
     def _check_not_flattened(self, named: list[tuple[str, Module, str]]) -> None:

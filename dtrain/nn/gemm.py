@@ -27,3 +27,8 @@ def matmul(a: Any, b: Any, out: Any = None) -> Any:
         return _partitioner(a, b, out)
     xp = get_array_module(a)
     return xp.matmul(a, b, out=out)
+
+
+def partitioned() -> bool:
+    """Whether layer GEMMs are routed through a row partitioner."""
+    return _partitioner is not None

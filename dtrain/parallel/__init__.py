@@ -4,7 +4,6 @@ from dtrain.parallel.row_partition import (
     disable_row_partition,
     enable_row_partition,
     row_partition_matmul,
-    split_rows,
 )
 
-__all__ = ["RowPartitioner", "disable_row_partition", "enable_row_partition", "row_partition_matmul", "split_rows"]
+__all__ = ["RowPartitioner", "disable_row_partition", "enable_row_partition", "row_partition_matmul"]

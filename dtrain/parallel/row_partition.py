@@ -11,9 +11,9 @@ really run in parallel, each with its own BLAS thread budget
 wheels) has one process-wide thread count: ``openblas_set_num_threads_local`` exists
 in it but writes the same global (checked with ctypes on OpenBLAS 0.3.31), so there is
 no per-thread setting. The partitioner therefore sets the global count to the budget
-through threadpoolctl for the duration of each partitioned product and restores it
-afterwards; partitioned products are serialized by a lock so that they never fight
-over that global.
+(:func:`dtrain.threads.blas_threads`) for the duration of each partitioned product and
+restores it afterwards; partitioned products are serialized by a lock so that they never
+fight over that global.
 
 On GPUs (CuPy) a device is a CUDA device (``0`` or ``"cuda:0"``); each partition gets
 its own non-blocking stream on its device (two partitions on one device get two
@@ -24,36 +24,30 @@ the same way: no host round trips. The streams wait for the caller's stream befo
 reading and the caller's stream waits for all of them, so the call is asynchronous like
 any other CuPy operation.
 
-Blocks start at multiples of ``row_align`` rows (the last block also takes the
-``M % row_align`` tail, so no block has a single row, which NumPy would send to gemv).
-BLAS kernels compute rows in fixed groups (OpenBLAS on Haswell: dgemm 4 rows, sgemm 24;
-AVX-512 kernels 16), and a row's rounding depends on which kernel variant handled its
-group, so aligned blocks give every row the same arithmetic as one unsplit GEMM with the
-same BLAS thread count. Measured with this OpenBLAS (0.3.31, Haswell kernels) and one
-thread per partition: the default of 16 makes float64 results bitwise equal to the
-unsplit single-threaded GEMM; float32 needs 48 for that (with 16 it differs in the last
-bits). OpenBLAS's own 2-thread GEMM splits rows at unaligned places and is itself not
-bitwise equal to its 1-thread result. ``row_align=1`` is the plain even split.
+What equality it gives: each block is an ordinary GEMM of its rows of ``a`` with ``b``,
+so the result is bitwise the product computed block by block, ``a[i:j] @ b`` for each
+block, with the same BLAS thread count. It is *not* in general bitwise the unsplit
+product: BLAS kernels handle rows in groups whose size depends on the CPU family
+(OpenBLAS's Haswell and SkylakeX kernels differ), and a row may be rounded by another
+kernel variant when it lands elsewhere in a group. Both results are GEMMs summing the
+same K products, each within ``K * eps / (1 - K * eps)`` times ``|a| @ |b|`` of the exact
+product (the standard dot-product error bound), so they differ by at most twice that,
+element by element. Blocks are as even as possible (:func:`split_rows`).
 """
 from __future__ import annotations
 
-import os
 import threading
-import warnings
 from concurrent.futures import ThreadPoolExecutor, wait
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from types import ModuleType
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
-from threadpoolctl import ThreadpoolController
-
 from dtrain.backend import get_array_module, gpu_available
 from dtrain.nn import gemm
-
-DEFAULT_ROW_ALIGN = 16
+from dtrain.nn.blocks import split_evenly
+from dtrain.threads import blas_threads, usable_cores
 
 # OpenBLAS's thread count is process-global: one partitioned CPU product at a time.
 _BLAS_LOCK = threading.Lock()
@@ -91,7 +85,7 @@ def parse_device(spec: Any) -> PartitionDevice:
 def device_count(kind: str) -> int:
     """How many devices of ``kind`` ("cpu": usable cores, "cuda": visible GPUs) exist."""
     if kind == "cpu":
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return usable_cores()
     if not gpu_available():
         return 0
     import cupy
@@ -105,46 +99,6 @@ def _check_exists(device: PartitionDevice, kind: str) -> None:
         what = "usable CPU cores" if kind == "cpu" else "visible CUDA devices"
         valid = f"{kind}:0..{kind}:{count - 1}" if count else "none"
         raise ValueError(f"unknown device {kind}:{device.index}: this machine has {count} {what} (valid: {valid})")
-
-
-def split_rows(m: int, parts: int, row_align: int = DEFAULT_ROW_ALIGN) -> list[int]:
-    """Row counts of ``parts`` contiguous blocks covering ``m`` rows, as even as possible
-    in whole units of ``row_align`` rows; the ``m % row_align`` tail joins the last
-    non-empty block. Blocks may be empty (fewer units than parts)."""
-    if parts < 1 or row_align < 1 or m < 0:
-        raise ValueError(f"split_rows needs m >= 0, parts >= 1, row_align >= 1; got {m}, {parts}, {row_align}")
-    units, tail = divmod(m, row_align)
-    if units == 0:
-        return [m] + [0] * (parts - 1)
-    per, extra = divmod(units, parts)
-    sizes = [(per + (p < extra)) * row_align for p in range(parts)]
-    last = min(units, parts) - 1
-    sizes[last] += tail
-    return sizes
-
-
-@lru_cache(maxsize=1)
-def _blas_controller() -> ThreadpoolController:
-    # Built after NumPy is imported (this module imports it), so it finds NumPy's BLAS.
-    return ThreadpoolController().select(user_api="blas")
-
-
-@contextmanager
-def blas_thread_budget(threads: int) -> Iterator[None]:
-    """Set the BLAS thread count of the whole process to ``threads`` inside the block."""
-    controller = _blas_controller()
-    with controller.limit(limits=threads):
-        counts = {lib.num_threads for lib in controller.lib_controllers}
-        if counts - {threads}:
-            # threadpoolctl lets one Python thread own OpenBLAS's global count; if another
-            # thread holds it, our limit is ignored and partitions oversubscribe the cores.
-            warnings.warn(
-                f"row partitioning could not set the BLAS thread count to {threads} (it stays {sorted(counts)}): "
-                "another thread holds a threadpoolctl limit; partition from that thread",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-        yield
 
 
 def _check_operands(a: Any, b: Any, out: Any, xp: ModuleType) -> None:
@@ -180,7 +134,6 @@ class RowPartitioner:
         self,
         devices: Sequence[int | str],
         blas_threads_per_partition: int = 1,
-        row_align: int = DEFAULT_ROW_ALIGN,
     ) -> None:
         if isinstance(devices, (str, int)) or not len(devices):
             raise ValueError(f"RowPartitioner needs a non-empty list of devices, e.g. [0, 1]; got {devices!r}")
@@ -191,11 +144,11 @@ class RowPartitioner:
         for device in self.devices:
             if device.kind is not None:
                 _check_exists(device, device.kind)
-        for what, value in (("blas_threads_per_partition", blas_threads_per_partition), ("row_align", row_align)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"RowPartitioner: {what} must be a positive int, got {value!r}")
+        if isinstance(blas_threads_per_partition, bool) or not isinstance(blas_threads_per_partition, int) \
+                or blas_threads_per_partition < 1:
+            raise ValueError(f"RowPartitioner: blas_threads_per_partition must be a positive int, "
+                             f"got {blas_threads_per_partition!r}")
         self.blas_threads_per_partition = blas_threads_per_partition
-        self.row_align = row_align
         self._workers: list[ThreadPoolExecutor] | None = None
         self._streams: list[Any] | None = None
         self._peers_enabled: set[tuple[int, int]] = set()
@@ -204,7 +157,7 @@ class RowPartitioner:
     def __repr__(self) -> str:
         return (
             f"RowPartitioner(devices={[str(d) for d in self.devices]}, "
-            f"blas_threads_per_partition={self.blas_threads_per_partition}, row_align={self.row_align})"
+            f"blas_threads_per_partition={self.blas_threads_per_partition})"
         )
 
     def __call__(self, a: Any, b: Any, out: Any = None) -> Any:
@@ -216,9 +169,8 @@ class RowPartitioner:
         _check_operands(a, b, out, xp)
         kind = "cpu" if xp is np else "cuda"
         self._check_kind(kind)
-        sizes = split_rows(a.shape[0], len(self.devices), self.row_align)
-        starts = np.cumsum([0] + sizes)
-        spans = [(p, int(starts[p]), int(starts[p + 1])) for p in range(len(sizes)) if sizes[p]]
+        spans = [(p, start, stop) for p, (start, stop) in enumerate(split_evenly(a.shape[0], len(self.devices)))
+                 if stop > start]
         direct = out is not None and out.flags.c_contiguous and not (
             xp.may_share_memory(out, a) or xp.may_share_memory(out, b)
         )
@@ -266,7 +218,7 @@ class RowPartitioner:
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"row-partition-{p}-cpu{d.index}")
                 for p, d in enumerate(self.devices)
             ]
-        with _BLAS_LOCK, blas_thread_budget(self.blas_threads_per_partition):
+        with _BLAS_LOCK, blas_threads(self.blas_threads_per_partition):
             futures = [
                 self._workers[p].submit(np.matmul, a[start:stop], b, out=result[start:stop])
                 for p, start, stop in spans
@@ -350,8 +302,8 @@ def _peer_copy(cp: ModuleType, dst: Any, dst_device: int, src: Any, src_device: 
 
 
 @lru_cache(maxsize=8)
-def _cached_partitioner(devices: tuple, blas_threads_per_partition: int, row_align: int) -> RowPartitioner:
-    return RowPartitioner(devices, blas_threads_per_partition, row_align)
+def _cached_partitioner(devices: tuple, blas_threads_per_partition: int) -> RowPartitioner:
+    return RowPartitioner(devices, blas_threads_per_partition)
 
 
 def row_partition_matmul(
@@ -360,7 +312,6 @@ def row_partition_matmul(
     devices: Sequence[int | str],
     out: Any = None,
     blas_threads_per_partition: int = 1,
-    row_align: int = DEFAULT_ROW_ALIGN,
 ) -> Any:
     """``a`` (M, K) @ ``b`` (K, N) -> (M, N) with the rows of ``a`` split over ``devices``.
 
@@ -370,7 +321,7 @@ def row_partition_matmul(
     if isinstance(devices, (str, int)) or not len(devices):
         raise ValueError(f"row_partition_matmul needs a non-empty list of devices, e.g. [0, 1]; got {devices!r}")
     key = tuple(parse_device(d) for d in devices)
-    return _cached_partitioner(key, blas_threads_per_partition, row_align)(a, b, out)
+    return _cached_partitioner(key, blas_threads_per_partition)(a, b, out)
 
 
 _active: RowPartitioner | None = None
@@ -403,14 +354,13 @@ class RowPartitionScope:
 def enable_row_partition(
     devices: Sequence[int | str],
     blas_threads_per_partition: int = 1,
-    row_align: int = DEFAULT_ROW_ALIGN,
 ) -> RowPartitionScope:
     """Split the rows of every Conv2d/Linear GEMM across ``devices`` from now on.
 
     With a single device nothing is installed (plain GEMM, no overhead). Use as a plain
     call (undo with :func:`disable_row_partition`) or as ``with enable_row_partition(...)``.
     """
-    partitioner = RowPartitioner(devices, blas_threads_per_partition, row_align)
+    partitioner = RowPartitioner(devices, blas_threads_per_partition)
     if len(partitioner.devices) == 1:
         partitioner.close()
         partitioner = None
