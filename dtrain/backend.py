@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 DEFAULT_DTYPE = np.float32
+Array = Any  # numpy.ndarray or cupy.ndarray
 
 
 @functools.lru_cache(maxsize=1)
@@ -48,6 +49,26 @@ def resolve_device(device: str) -> str:
             "install the GPU extra (pip install 'dtrain[gpu]') or run with device=cpu"
         )
     return device
+
+
+def rank_gpus(local_rank: int, local_size: int, per_rank: int, visible: int) -> list[int]:
+    """The GPUs (indices among the visible ones) of node-local rank ``local_rank`` of
+    ``local_size``, ``per_rank`` of them: the one rule for mapping ranks to GPUs.
+
+    When every rank sees all the node's GPUs (plain ``mpirun``), rank ``r`` takes
+    ``r * per_rank .. r * per_rank + per_rank - 1``. When each rank sees only its own
+    (``CUDA_VISIBLE_DEVICES`` set per rank, as Slurm's ``--gpus-per-task`` does), it takes
+    ``0 .. per_rank - 1``. Any other count is an error naming the numbers.
+    """
+    if visible >= local_size * per_rank:
+        return [local_rank * per_rank + i for i in range(per_rank)]
+    if visible == per_rank:
+        return list(range(per_rank))
+    raise RuntimeError(
+        f"{local_size} ranks on this node x {per_rank} GPUs per rank need {local_size * per_rank} GPUs, but "
+        f"this rank sees {visible}; start fewer ranks (mpirun -n <GPUs / devices per rank>), lower "
+        f"parallel.devices_per_rank, or give each rank its own {per_rank} GPU(s) with CUDA_VISIBLE_DEVICES"
+    )
 
 
 def xp_for(device: str) -> ModuleType:

@@ -31,10 +31,10 @@ from typing import Any, BinaryIO, Iterable
 import numpy as np
 import yaml
 
+from dtrain.checks import check_int
 from dtrain.atomic import atomic_write, remove_stale_temp_files
 from dtrain.backend import is_gpu_array, to_host
 from dtrain.nn.module import Module
-from dtrain.state_match import load_checked
 
 FORMAT = "dtrain-checkpoint-v1"
 CHECKPOINT_GLOB = "ckpt-*.npz"
@@ -73,7 +73,7 @@ class Checkpoint:
         The model is checked first: a ``StateDictMismatchError`` lists every missing key,
         unexpected key and shape mismatch and names this file; nothing is copied then.
         """
-        load_checked(model, self.model_state, f"checkpoint {self.path}")
+        model.load_state_dict(self.model_state, source=f"checkpoint {self.path}")
         if optimizer is not None:
             if self.optim_state is None:
                 raise CheckpointError(
@@ -123,9 +123,8 @@ def _collect_arrays(
     config: dict[str, Any] | str,
     extra: dict[str, Any] | None,
 ) -> dict[str, np.ndarray]:
-    for what, value in (("epoch", epoch), ("step", step)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-            raise ValueError(f"save_checkpoint: {what} must be a non-negative int, got {value!r}")
+    check_int(epoch, "save_checkpoint: epoch", 0)
+    check_int(step, "save_checkpoint: step", 0)
     if not isinstance(rng_state, dict):
         raise TypeError(f"save_checkpoint: rng_state must be a dict, got {type(rng_state).__name__}")
     if extra is not None and not isinstance(extra, dict):
@@ -285,8 +284,7 @@ class CheckpointManager:
     """
 
     def __init__(self, directory: PathLike, keep_last: int) -> None:
-        if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
-            raise ValueError(f"CheckpointManager: keep_last must be an int >= 1, got {keep_last!r}")
+        check_int(keep_last, "CheckpointManager: keep_last", 1)
         self.directory = Path(directory)
         self.keep_last = keep_last
         if self.directory.is_dir():

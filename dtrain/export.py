@@ -31,7 +31,6 @@ from dtrain.nn.linear import Linear
 from dtrain.nn.lrn import LocalResponseNorm
 from dtrain.nn.module import Module, Sequential
 from dtrain.nn.pool import AvgPool2d, MaxPool2d
-from dtrain.state_match import load_checked
 
 TORCH_SUFFIXES = (".pt", ".pth")
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -134,7 +133,7 @@ def import_weights(model: Module, path: str | os.PathLike) -> None:
     missing key, unexpected key and shape mismatch and names the file.
     """
     path = Path(path)
-    load_checked(model, read_weights(path), f"weight file {path}")
+    model.load_state_dict(read_weights(path), source=f"weight file {path}")
 
 
 # -- the PyTorch twin --------------------------------------------------------------------

@@ -5,6 +5,7 @@ import math
 from typing import Literal
 
 import numpy as np
+from dtrain.checks import check_int
 
 Normalize = Literal["each", "all", "none"]
 
@@ -43,8 +44,7 @@ def make_grid(
     x = np.asarray(images)
     if x.ndim != 4 or x.shape[0] == 0 or x.shape[1] not in (1, 3):
         raise ValueError(f"make_grid expects a non-empty (N, C, H, W) batch with C in (1, 3), got shape {x.shape}")
-    if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
-        raise ValueError(f"make_grid: scale must be a positive int, got {scale!r}")
+    check_int(scale, "make_grid: scale", 1)
     x = normalize_unit(x, normalize)
     if scale > 1:
         x = x.repeat(scale, axis=2).repeat(scale, axis=3)

@@ -15,11 +15,9 @@ time against ``input_shape``, so a wrong channel count fails before any data is 
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
-from omegaconf import OmegaConf
 
 from dtrain.nn import (
     AvgPool2d,
@@ -47,25 +45,6 @@ LAYER_TYPES: dict[str, type[Module]] = {
     )
 }
 _WEIGHTED = (Conv2d, Linear)
-
-
-MODEL_CONF_DIR = Path(__file__).resolve().parent.parent / "conf" / "model"
-
-
-def load_model_spec(name: str) -> dict[str, Any]:
-    """The spec of a shipped model, ``conf/model/<name>.yaml``, as a plain dict.
-
-    A model file may be ``@package _global_`` (to select its own optimizer defaults, as
-    alexnet does); its spec is then under the ``model`` key.
-    """
-    path = MODEL_CONF_DIR / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in MODEL_CONF_DIR.glob("*.yaml"))
-        raise ValueError(f"unknown model {name!r}; conf/model has {known}")
-    cfg = OmegaConf.load(path)
-    if "model" in cfg:
-        cfg = cfg.model
-    return OmegaConf.to_container(cfg, resolve=True)
 
 
 def build_model(spec: Mapping[str, Any], seed: int = 0, dtype: Any = np.float32) -> Sequential:

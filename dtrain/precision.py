@@ -28,92 +28,21 @@ exactly as in a float32 run and evaluating the master model needs no copy.
 """
 from __future__ import annotations
 
+import abc
 import logging
-import math
 import os
-from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
 
 from dtrain.backend import get_array_module
+from dtrain.checks import check_int, check_real
+from dtrain.config import PrecisionConfig
 from dtrain.models import build_model
 from dtrain.nn.flat import FlatParameters
 from dtrain.nn.module import Array, Sequential
 
 log = logging.getLogger("dtrain")
-
-COMPUTE_DTYPES = ("float32", "float16")
-
-
-@dataclass(frozen=True)
-class PrecisionSettings:
-    """The validated ``precision`` config section (see ``conf/precision/default.yaml``).
-
-    ``loss_scale`` is ``"dynamic"`` or a positive float (a static scale).
-    """
-
-    compute: str = "float32"
-    loss_scale: str | float = "dynamic"
-    init_scale: float = 65536.0
-    growth_factor: float = 2.0
-    backoff_factor: float = 0.5
-    growth_interval: int = 2000
-    tf32: bool = False
-
-    @property
-    def mixed(self) -> bool:
-        """Whether forward/backward run in float16 on a compute twin."""
-        return self.compute == "float16"
-
-    @property
-    def dynamic(self) -> bool:
-        return self.loss_scale == "dynamic"
-
-    @classmethod
-    def from_config(cls, section: Mapping[str, Any], device: str, master_dtype: Any) -> "PrecisionSettings":
-        """Check ``precision.*`` for a run on ``device`` (``cpu``/``gpu``) whose parameters
-        (``dtype``) are ``master_dtype``; a ``ValueError`` names the key and the fix."""
-        s = cls(**dict(section))
-        if s.compute == "bfloat16":
-            raise ValueError(
-                "precision.compute=bfloat16 is not supported: neither NumPy nor CuPy has a bfloat16 "
-                "array type; use precision.compute=float16 (with dynamic loss scaling) instead"
-            )
-        if s.compute not in COMPUTE_DTYPES:
-            raise ValueError(f"precision.compute must be one of {', '.join(COMPUTE_DTYPES)}; got {s.compute!r}")
-        if s.mixed and np.dtype(master_dtype) != np.float32:
-            raise ValueError(
-                f"precision.compute=float16 keeps float32 master weights, so it needs dtype=float32; "
-                f"got dtype={np.dtype(master_dtype).name}"
-            )
-        if not isinstance(s.tf32, (bool, np.bool_)):
-            raise ValueError(f"precision.tf32 must be true or false; got {s.tf32!r}")
-        if s.tf32 and device != "gpu":
-            raise ValueError("precision.tf32=true needs device=gpu (TF32 is a GPU tensor-core mode)")
-        if s.loss_scale != "dynamic" and not _positive_number(s.loss_scale):
-            raise ValueError(
-                f"precision.loss_scale must be 'dynamic' or a positive number (a static scale); got {s.loss_scale!r}"
-            )
-        for key, ok, what in (
-            ("init_scale", _positive_number(s.init_scale), "a positive number"),
-            ("growth_factor", _positive_number(s.growth_factor) and s.growth_factor > 1, "a number > 1"),
-            ("backoff_factor", _positive_number(s.backoff_factor) and s.backoff_factor < 1, "a number in (0, 1)"),
-            ("growth_interval", _positive_int(s.growth_interval), "an int >= 1"),
-        ):
-            if not ok:
-                raise ValueError(f"precision.{key} must be {what}; got {getattr(s, key)!r}")
-        return s
-
-
-def _positive_number(v: Any) -> bool:
-    return (not isinstance(v, bool) and isinstance(v, (int, float, np.integer, np.floating))
-            and math.isfinite(v) and v > 0)
-
-
-def _positive_int(v: Any) -> bool:
-    return not isinstance(v, bool) and isinstance(v, (int, np.integer)) and v >= 1
-
 
 class LossScaler:
     """The loss scale of float16 training: dynamic (``torch.amp.GradScaler``'s rules) or static.
@@ -164,11 +93,9 @@ class LossScaler:
         if not isinstance(state, Mapping) or set(state) != expected:
             got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
             raise ValueError(f"LossScaler.load_state_dict: expected keys {sorted(expected)}, got {got}")
-        if not _positive_number(state["scale"]):
-            raise ValueError(f"LossScaler.load_state_dict: scale must be a positive number, got {state['scale']!r}")
+        check_real(state["scale"], "LossScaler.load_state_dict: scale", 0.0, low_open=True)
         for key in ("growth_tracker", "skipped_steps"):
-            if isinstance(state[key], bool) or not isinstance(state[key], (int, np.integer)) or state[key] < 0:
-                raise ValueError(f"LossScaler.load_state_dict: {key} must be an int >= 0, got {state[key]!r}")
+            check_int(state[key], f"LossScaler.load_state_dict: {key}", 0)
         self.scale = float(state["scale"])
         self.growth_tracker = int(state["growth_tracker"])
         self.skipped_steps = int(state["skipped_steps"])
@@ -178,45 +105,98 @@ class LossScaler:
         return f"LossScaler({kind}, scale={self.scale:g}, growth_tracker={self.growth_tracker})"
 
 
-class FullPrecision:
-    """Forward and backward on the master model itself (``precision.compute=float32``).
+class PrecisionPolicy(abc.ABC):
+    """How forward and backward relate to the master weights: the training loop's hooks.
 
-    Every hook is a no-op: no copies, loss scale 1. ``model`` and ``flat`` are the compute
-    model and its flat buffers, here the master's own.
+    ``model`` and ``flat`` are the compute model and its flat buffers; ``loss_scale``
+    multiplies the loss gradient. Per step: :meth:`prepare` (master parameters into the
+    compute model), forward on :meth:`cast_input` of the batch, backward, then
+    :meth:`grads_to_master` (the compute gradients, unscaled, into the master buffer) and,
+    after the gradient all-reduce, :meth:`overflowed`.
     """
 
+    mixed: bool
+    model: Sequential
+    flat: FlatParameters
+
+    @property
+    @abc.abstractmethod
+    def loss_scale(self) -> float:
+        """The factor the loss gradient is multiplied by."""
+
+    @abc.abstractmethod
+    def prepare(self) -> None:
+        """Bring the compute model's parameters up to date with the master."""
+
+    @abc.abstractmethod
+    def cast_input(self, x: Array) -> Array:
+        """``x`` in the compute dtype."""
+
+    @abc.abstractmethod
+    def unscale_into(self, grads: Array, out: Array) -> None:
+        """``out`` (master dtype) = the unscaled gradient ``grads`` of a compute model."""
+
+    @abc.abstractmethod
+    def grads_to_master(self) -> None:
+        """Put the compute model's unscaled gradients into the master buffer."""
+
+    @abc.abstractmethod
+    def overflowed(self, finite: bool) -> bool:
+        """Record this step's gradient finiteness; True when a non-finite gradient is a
+        routine loss-scaling overflow (skip the step, no error)."""
+
+    @abc.abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint's ``extra`` section holds for this policy."""
+
+    @abc.abstractmethod
+    def load_state_dict(self, extra: Mapping[str, Any]) -> None:
+        """Restore from a checkpoint's ``extra`` section."""
+
+    @abc.abstractmethod
+    def summary(self) -> dict[str, Any]:
+        """The policy's figures for ``summary.json``."""
+
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """One phrase for the log."""
+
+
+class FullPrecision(PrecisionPolicy):
+    """Forward and backward on the master model itself (``precision.compute=float32``):
+    every hook is a no-op, no copies, loss scale 1."""
+
     mixed = False
-    loss_scale = 1.0
 
     def __init__(self, master: Sequential, master_flat: FlatParameters) -> None:
         self.model = master
         self.flat = master_flat
 
+    @property
+    def loss_scale(self) -> float:
+        return 1.0
+
     def prepare(self) -> None:
-        """Bring the compute model's parameters up to date with the master (nothing to do)."""
+        """Nothing to do: the compute model is the master."""
 
     def cast_input(self, x: Array) -> Array:
-        """``x`` in the compute dtype (already is)."""
         return x
 
-    def grads_to_master(self) -> None:
-        """Put the compute model's unscaled gradients into the master buffer (already there)."""
-
     def unscale_into(self, grads: Array, out: Array) -> None:
-        """``out`` (master dtype) = the unscaled gradient ``grads`` of a compute model (a copy here)."""
         if out is not grads:
             out[...] = grads
 
+    def grads_to_master(self) -> None:
+        """Nothing to do: the gradients are the master's already."""
+
     def overflowed(self, finite: bool) -> bool:
-        """Whether a non-finite gradient is a routine loss-scaling overflow (never here)."""
         return False
 
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint's ``extra`` section holds for this precision: nothing."""
         return {}
 
     def load_state_dict(self, extra: Mapping[str, Any]) -> None:
-        """Restore from a checkpoint's ``extra`` section (nothing to restore)."""
+        """Nothing to restore."""
 
     def summary(self) -> dict[str, Any]:
         return {"compute": self.model.dtype.name, "master": self.model.dtype.name, "loss_scale": None,
@@ -226,7 +206,7 @@ class FullPrecision:
         return self.model.dtype.name
 
 
-class MixedPrecision(FullPrecision):
+class MixedPrecision(PrecisionPolicy):
     """float16 forward/backward on ``twin``, float32 master weights in ``master_flat``.
 
     ``twin`` must be ``master``'s architecture converted to float16 and ``twin_flat`` its
@@ -239,7 +219,6 @@ class MixedPrecision(FullPrecision):
 
     def __init__(self, master: Sequential, master_flat: FlatParameters, twin: Sequential,
                  twin_flat: FlatParameters, scaler: LossScaler) -> None:
-        super().__init__(master, master_flat)
         if master_flat.dtype != np.float32 or twin_flat.dtype != np.float16:
             raise ValueError(
                 f"MixedPrecision needs float32 master and float16 compute parameters; got "
@@ -259,7 +238,7 @@ class MixedPrecision(FullPrecision):
         self.scaler = scaler
 
     @property
-    def loss_scale(self) -> float:  # type: ignore[override]
+    def loss_scale(self) -> float:
         return self.scaler.scale
 
     def prepare(self) -> None:
@@ -326,8 +305,8 @@ def _share_buffers(master: Sequential, twin: Sequential) -> None:
             mod.stats_reducer = ref.stats_reducer
 
 
-def make_precision(settings: PrecisionSettings, master: Sequential, master_flat: FlatParameters,
-                   spec: Mapping[str, Any], seed: int) -> FullPrecision:
+def make_precision(settings: PrecisionConfig, master: Sequential, master_flat: FlatParameters,
+                   spec: Mapping[str, Any], seed: int) -> PrecisionPolicy:
     """The precision hooks of a training run: :class:`FullPrecision` for float32 compute,
     else :class:`MixedPrecision` around a compute twin built from the master's model
     ``spec`` and ``seed`` and converted to float16 on the master's array module."""

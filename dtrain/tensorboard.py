@@ -2,10 +2,9 @@
 
 Tags written (``<name>`` is a state_dict name such as ``0.weight``):
 
-- scalars: whatever :meth:`TBLogger.log_scalars` gets (the trainer uses ``train/loss``,
-  ``train/accuracy``, ``train/lr``, ``train/images_per_sec`` per step and ``eval/loss``,
-  ``eval/accuracy`` per epoch); :meth:`TBLogger.log_train_step` and
-  :meth:`TBLogger.log_eval` write exactly those names;
+- scalars: whatever :meth:`TBLogger.log_scalars` gets (the trainer writes ``train/loss``,
+  ``train/accuracy``, ``train/lr``, ``train/images_per_sec`` every ``logging.log_interval``
+  steps and ``eval/loss``, ``eval/accuracy`` at the end of each epoch, all against the step);
 - histograms ``weights/<name>`` and ``grads/<name>`` every ``hist_interval`` steps;
 - images ``inputs/samples`` (a grid of input samples) and ``filters/<name>`` (the first
   convolution's filters, one tile per output/input channel pair);
@@ -24,6 +23,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from dtrain.checks import check_int
 from dtrain.backend import to_host
 from dtrain.image_grid import make_grid
 from dtrain.nn.flat import FlatParameters
@@ -48,9 +48,8 @@ class TBLogger:
         max_images: int = 64,
         flush_secs: int = 30,
     ) -> None:
-        for what, value in (("hist_interval", hist_interval), ("max_images", max_images)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"TBLogger: {what} must be a non-negative int, got {value!r}")
+        check_int(hist_interval, "TBLogger: hist_interval", 0)
+        check_int(max_images, "TBLogger: max_images", 0)
         self.logdir = Path(logdir)
         self.enabled = bool(enabled)
         self.hist_interval = hist_interval
@@ -68,19 +67,6 @@ class TBLogger:
             return
         for tag, value in values.items():
             self._writer.add_scalar(tag, _real(tag, value), int(step))
-
-    def log_train_step(
-        self, step: int, loss: float, accuracy: float, lr: float, images_per_sec: float | None = None
-    ) -> None:
-        """``train/loss``, ``train/accuracy``, ``train/lr`` (and ``train/images_per_sec``) at ``step``."""
-        values = {"train/loss": loss, "train/accuracy": accuracy, "train/lr": lr}
-        if images_per_sec is not None:
-            values["train/images_per_sec"] = images_per_sec
-        self.log_scalars(values, step)
-
-    def log_eval(self, epoch: int, loss: float, accuracy: float) -> None:
-        """``eval/loss`` and ``eval/accuracy`` with the epoch as the x axis."""
-        self.log_scalars({"eval/loss": loss, "eval/accuracy": accuracy}, epoch)
 
     # -- histograms --------------------------------------------------------------------
     def log_histograms(self, flat: FlatParameters, step: int) -> bool:

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 from threadpoolctl import ThreadpoolController
+from dtrain.checks import check_int
 
 _controllers: list[Any] | None = None  # threadpoolctl's handles on the loaded BLAS libraries
 
@@ -35,9 +36,7 @@ def _blas_libraries() -> list[Any]:
 def thread_budget(threads: int | None, world_size: int) -> int:
     """The cores one process may use: ``threads`` if given, else all (1 per rank when size > 1)."""
     if threads is not None:
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise ValueError(f"threads must be an int >= 1 or null; got {threads!r}")
-        return threads
+        return check_int(threads, "threads", 1)
     return 1 if world_size > 1 else usable_cores()
 
 

@@ -16,7 +16,7 @@ out, for TensorBoard and for :class:`ChromeTrace`.
 
 All times are seconds on the host ``perf_counter`` scale (CUDA event times are anchored to
 it after every step), so the buckets' ``perf_counter`` stamps from
-:class:`dtrain.dist.buckets.BucketTiming` land on the same axis, and ranks on one host
+:class:`dtrain.parallel.buckets.BucketTiming` land on the same axis, and ranks on one host
 share it.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from dtrain.dist.buckets import BucketTiming
+from dtrain.parallel.buckets import BucketTiming
 
 PHASES = ("data", "h2d", "forward", "backward", "comm", "optimizer")
 OTHER = "other"

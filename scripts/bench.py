@@ -33,7 +33,8 @@ sys.path.insert(0, str(ROOT))
 
 from dtrain.backend import synchronize, xp_for  # noqa: E402
 from dtrain.export import to_torch_sequential  # noqa: E402
-from dtrain.models import build_model, load_model_spec  # noqa: E402
+from dtrain.config import load_model_spec
+from dtrain.models import build_model  # noqa: E402
 from dtrain.nn.flat import FlatParameters  # noqa: E402
 from dtrain.nn.loss import SoftmaxCrossEntropy  # noqa: E402
 from dtrain.optim import build_optimizer  # noqa: E402

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dtrain.backend import synchronize, xp_for  # noqa: E402
-from dtrain.dist import Communicator, make_communicator  # noqa: E402
+from dtrain.comm import Communicator, make_communicator  # noqa: E402
 
 MIB = 2**20
 

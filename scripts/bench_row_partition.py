@@ -151,7 +151,8 @@ def bench_gemms(args: argparse.Namespace, partitioner: RowPartitioner, unbudgete
 
 
 def bench_step(args: argparse.Namespace) -> None:
-    from dtrain.models import build_model, load_model_spec
+    from dtrain.config import load_model_spec
+from dtrain.models import build_model
     from dtrain.nn.loss import SoftmaxCrossEntropy
 
     spec = load_model_spec("alexnet")

@@ -191,7 +191,7 @@ def test_backward_errors():
     (dict(kernel_size=2.5), r"Conv2d: kernel_size must be an int or a pair of ints, got 2.5"),
     (dict(kernel_size=(1, 2, 3)), r"Conv2d: kernel_size must be an int or a pair of ints"),
     (dict(kernel_size=3, init="he"), r"Conv2d\(2, 3, .*unknown init 'he'"),
-    (dict(in_channels=0, kernel_size=3), r"Conv2d: in_channels must be a positive int, got 0"),
+    (dict(in_channels=0, kernel_size=3), r"Conv2d: in_channels must be an int >= 1, got 0"),
 ])
 def test_constructor_errors(kwargs, match):
     args = dict(in_channels=2, out_channels=3)

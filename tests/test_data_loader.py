@@ -35,7 +35,7 @@ def test_shard_indices_cover_every_index_once(world_size):
 def test_shard_indices_rejects_bad_rank():
     with pytest.raises(ValueError, match=r"rank must be an int in \[0, 2\)"):
         shard_indices(10, 2, 2)
-    with pytest.raises(ValueError, match="world_size must be a positive int"):
+    with pytest.raises(ValueError, match="world_size must be an int >= 1"):
         shard_indices(10, 0, 0)
 
 

@@ -42,8 +42,8 @@ def test_synthetic_shape_classes_and_determinism(tmp_path):
 
 @pytest.mark.parametrize(
     "options, message",
-    [({"image_shape": (28, 28)}, "three positive ints"), ({"num_classes": 0}, "num_classes must be a positive int"),
-     ({"size": 0}, "size must be a positive int")],
+    [({"image_shape": (28, 28)}, "three positive ints"), ({"num_classes": 0}, "num_classes must be an int >= 1"),
+     ({"size": 0}, "size must be an int >= 1")],
 )
 def test_synthetic_rejects_bad_options(tmp_path, options, message):
     with pytest.raises(ValueError, match=message):
@@ -68,5 +68,5 @@ def test_dataset_checks_its_arrays(images, labels, message):
 def test_head_is_a_prefix():
     data = Dataset(np.arange(12, dtype=np.uint8).reshape(3, 1, 2, 2), np.array([1, 2, 3]), "toy", 10, 0.5, 0.25)
     assert data.head(2).labels.tolist() == [1, 2] and data.head(2).image_shape == (1, 2, 2)
-    with pytest.raises(ValueError, match="size must be a positive int"):
+    with pytest.raises(ValueError, match="size must be an int >= 1"):
         data.head(0)

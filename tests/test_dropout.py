@@ -123,7 +123,7 @@ def test_p_zero_is_identity_in_training(xp):
 
 @pytest.mark.parametrize("p", [-0.1, 1.0, 1.5, "0.5", True])
 def test_rejects_bad_p(p):
-    with pytest.raises(ValueError, match=r"Dropout: p must be a probability in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"Dropout: p must be a number in \[0, 1\)"):
         Dropout(p)
 
 

@@ -25,7 +25,7 @@ from dtrain.nn.linear import Linear
 from dtrain.nn.lrn import LocalResponseNorm
 from dtrain.nn.module import Module, Sequential
 from dtrain.nn.pool import AvgPool2d, MaxPool2d
-from dtrain.state_match import StateDictMismatchError
+from dtrain.nn.module import StateDictMismatchError
 
 FORMATS = [".pt", ".safetensors"]
 INPUT = (3, 8, 8)
@@ -197,7 +197,7 @@ def test_mismatched_model_is_rejected_with_every_problem(tmp_path, suffix):
         import_weights(smaller, path)
     msg = str(err.value)
     assert str(path) in msg
-    assert "'0.weight': file (4, 3, 3, 3) vs model (5, 3, 3, 3)" in msg
+    assert "'0.weight': (4, 3, 3, 3) given, model (5, 3, 3, 3)" in msg
     assert "'13.weight'" in msg and "not in the model" in msg
     for name, value in smaller.state_dict().items():  # nothing was copied
         np.testing.assert_array_equal(value, before[name])

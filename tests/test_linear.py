@@ -89,7 +89,7 @@ def test_input_errors_name_the_layer():
 
 @pytest.mark.parametrize("args", [(0, 3), (3, -1), (2.5, 3), (True, 3)])
 def test_constructor_rejects_bad_sizes(args):
-    with pytest.raises(ValueError, match="Linear: (in|out)_features must be a positive int"):
+    with pytest.raises(ValueError, match="Linear: (in|out)_features must be an int >= 1"):
         Linear(*args)
 
 

@@ -36,7 +36,7 @@ def test_window_sum_is_asymmetric_like_torch(xp):
 
 
 def test_errors():
-    with pytest.raises(ValueError, match="LocalResponseNorm: size must be a positive int"):
+    with pytest.raises(ValueError, match="LocalResponseNorm: size must be an int >= 1"):
         LocalResponseNorm(0)
     with pytest.raises(ValueError, match="LocalResponseNorm: k must be > 0"):
         LocalResponseNorm(3, k=0.0)

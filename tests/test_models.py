@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from dtrain.models import build_model, load_model_spec
+from dtrain.config import load_model_spec
+from dtrain.models import build_model
 
 
 

@@ -17,14 +17,8 @@ from dtrain.nn.batchnorm import BatchNorm1d, BatchNorm2d
 from dtrain.nn.flat import FlatParameters
 from dtrain.nn.loss import SoftmaxCrossEntropy
 from dtrain.optim import SGD
-from dtrain.precision import (
-    FullPrecision,
-    LossScaler,
-    MixedPrecision,
-    PrecisionSettings,
-    enable_tf32,
-    make_precision,
-)
+from dtrain.config import PrecisionConfig
+from dtrain.precision import FullPrecision, LossScaler, MixedPrecision, enable_tf32, make_precision
 
 # A small conv net with both BatchNorm kinds, so the shared running statistics are covered.
 SPEC = {
@@ -45,8 +39,8 @@ SPEC = {
 }
 
 
-def settings(**overrides) -> PrecisionSettings:
-    return PrecisionSettings(**{"compute": "float16", **overrides})
+def settings(**overrides) -> PrecisionConfig:
+    return PrecisionConfig(**{"compute": "float16", **overrides})
 
 
 def setup_run(compute: str, **overrides):
@@ -114,27 +108,10 @@ def test_static_scale_never_changes_and_state_round_trips():
         restored.load_state_dict({"scale": 4.0})
 
 
-# -- settings -----------------------------------------------------------------------------
-@pytest.mark.parametrize("section, device, dtype, message", [
-    ({"compute": "bfloat16"}, "cpu", np.float32, "has a bfloat16 array type; use precision.compute=float16"),
-    ({"compute": "half"}, "cpu", np.float32, "precision.compute must be one of float32, float16; got 'half'"),
-    ({"compute": "float16"}, "cpu", np.float64, "needs dtype=float32; got dtype=float64"),
-    ({"tf32": True}, "cpu", np.float32, r"precision.tf32=true needs device=gpu \(TF32 is a GPU tensor-core mode\)"),
-    ({"loss_scale": "auto"}, "cpu", np.float32, "precision.loss_scale must be 'dynamic' or a positive number"),
-    ({"loss_scale": -1.0}, "cpu", np.float32, "precision.loss_scale must be"),
-    ({"backoff_factor": 1.5}, "cpu", np.float32, r"precision.backoff_factor must be a number in \(0, 1\)"),
-    ({"growth_factor": 1.0}, "cpu", np.float32, "precision.growth_factor must be a number > 1"),
-    ({"growth_interval": 0}, "cpu", np.float32, "precision.growth_interval must be an int >= 1"),
-])
-def test_bad_settings_name_the_key(section, device, dtype, message):
-    with pytest.raises(ValueError, match=message):
-        PrecisionSettings.from_config(section, device, dtype)
-
-
+# -- settings (the keys themselves are checked by the config schema: tests/test_config.py) ---
 def test_default_settings_keep_full_precision():
-    s = PrecisionSettings.from_config({}, "cpu", np.float64)
+    s = PrecisionConfig()
     assert not s.mixed and not s.tf32
-    assert PrecisionSettings.from_config({"tf32": True}, "gpu", np.float32).tf32
     model = build_model(SPEC, seed=0, dtype=np.float32)
     flat = FlatParameters(model)
     mp = make_precision(s, model, flat, SPEC, seed=0)

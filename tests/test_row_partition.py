@@ -19,13 +19,7 @@ from threadpoolctl import threadpool_info, threadpool_limits
 from dtrain.backend import get_array_module, to_host
 from dtrain.nn import gemm
 from dtrain.nn.blocks import split_evenly
-from dtrain.parallel import (
-    RowPartitioner,
-    disable_row_partition,
-    enable_row_partition,
-    row_partition_matmul,
-)
-from dtrain.parallel.row_partition import device_count
+from dtrain.parallel.row_partition import RowPartitioner, device_count, partition_devices
 
 pytestmark = pytest.mark.blas
 
@@ -34,7 +28,13 @@ pytestmark = pytest.mark.blas
 def plain_gemm_afterwards():
     """No test leaves a partitioner installed in dtrain.nn.gemm, even when it fails."""
     yield
-    disable_row_partition()
+    gemm.set_partitioner(None)
+
+
+def row_partition_matmul(a, b, devices, out=None):
+    """One product through a partitioner made for it (threads or streams started and stopped)."""
+    with RowPartitioner(devices) as partitioner:
+        return partitioner(a, b, out)
 
 
 def partitions(xp, count: int) -> list[int]:
@@ -271,7 +271,7 @@ def test_gpu_devices_cannot_take_numpy_arrays():
 def test_mixed_kinds_and_bad_budget():
     with pytest.raises(ValueError, match="mix CPU and GPU"):
         RowPartitioner(["cpu:0", "gpu:0"])
-    with pytest.raises(ValueError, match="blas_threads_per_partition must be a positive int, got 0"):
+    with pytest.raises(ValueError, match="blas_threads_per_partition must be an int >= 1, got 0"):
         RowPartitioner([0, 0], blas_threads_per_partition=0)
 
 
@@ -283,24 +283,28 @@ def test_closed_partitioner_refuses_work():
 
 
 # ------------------------------------------------------------------ installing in gemm
-def test_enable_with_one_device_installs_nothing():
-    with enable_row_partition([0]) as partitioner:
-        assert partitioner is None and gemm._partitioner is None
-
-
-def test_enable_routes_layer_gemms_and_restores(rng):
+def test_the_context_routes_layer_gemms_and_restores_the_previous_routing(rng):
     a, b = operands(np, rng, 64, 20, 10)
-    with enable_row_partition([0, 0]) as partitioner:
+    assert gemm._partitioner is None
+    with RowPartitioner([0, 0]) as partitioner:
         assert gemm._partitioner is partitioner
         np.testing.assert_array_equal(gemm.matmul(a, b), blockwise_gemm(a, b, 2))
-        with enable_row_partition([0, 0, 0]) as inner:
+        with RowPartitioner([0, 0, 0]) as inner:
             assert gemm._partitioner is inner
         assert gemm._partitioner is partitioner
-    assert gemm._partitioner is None
-    enable_row_partition([0, 0])
-    assert gemm._partitioner is not None
-    disable_row_partition()
-    assert gemm._partitioner is None
+        assert inner._closed and not partitioner._closed
+    assert gemm._partitioner is None and partitioner._closed
+    threads = {t.name for t in threading.enumerate()}
+    assert not any(name.startswith("row-partition-") for name in threads), threads  # no threads left over
+
+
+@pytest.mark.parametrize("listed, per_rank, device, local_rank, local_size, expected", [
+    ([3, 1], 1, "gpu", 0, 1, [3, 1]),                     # an explicit list wins
+    ([], 1, "cpu", 0, 1, []),                             # one device: plain GEMMs
+    ([], 2, "cpu", 1, 2, ["cpu:0", "cpu:1"]),             # CPU: worker threads of this rank
+])
+def test_partition_devices(listed, per_rank, device, local_rank, local_size, expected):
+    assert partition_devices(listed, per_rank, device, local_rank, local_size) == expected
 
 
 # ------------------------------------------------------------------------ whole network
@@ -333,7 +337,6 @@ def train(model, xp, steps: int = 3, lr: float = 0.05):
     for _ in range(steps):
         x = xp.asarray(rng.standard_normal((32, 2, 8, 8)), dtype=model.dtype)
         target = xp.asarray(rng.standard_normal((32, 32)), dtype=model.dtype)
-        model.zero_grad()
         y = model(x)
         model.backward((y - target) / y.shape[0])
         for _, layer, name in model.named_parameters():
@@ -356,7 +359,7 @@ def test_training_with_row_partitioning_is_blockwise_gemm_training():
         gemm.set_partitioner(reference)
         blockwise = train(tiny_network(np, np.float64), np)
         rows = []
-        with enable_row_partition(partitions(np, 2)) as partitioner:
+        with RowPartitioner(partitions(np, 2)) as partitioner:
             gemm.set_partitioner(lambda a, b, out: (rows.append(a.shape[0]), partitioner(a, b, out))[1])
             partitioned = train(tiny_network(np, np.float64), np)
     assert sum(m >= 2 for m in rows) >= 6, rows  # most GEMMs were really split

@@ -90,17 +90,17 @@ def test_constant_without_warmup_and_unused_step_size():
     "kwargs, match",
     [
         (dict(kind="linear"), "kind must be one of constant, step, cosine"),
-        (dict(base_lr=-1.0), r"base_lr must lie in \[0.0, inf\]"),
+        (dict(base_lr=-1.0), r"base_lr must be a number in \[0, inf\)"),
         (dict(total_steps=0), "total_steps must be an int >= 1"),
         (dict(total_steps=10.0), "total_steps must be an int >= 1"),
         (dict(warmup_steps=-1), "warmup_steps must be an int >= 0"),
         (dict(warmup_steps=11), r"warmup_steps \(11\) exceeds total_steps \(10\)"),
         (dict(kind="cosine", warmup_steps=10), "cosine schedule needs steps after the warm-up"),
-        (dict(warmup_start_factor=1.5), r"warmup_start_factor must lie in \[0.0, 1.0\]"),
+        (dict(warmup_start_factor=1.5), r"warmup_start_factor must be a number in \[0, 1\]"),
         (dict(kind="step", step_size=None), "step_size must be an int >= 1"),
         (dict(kind="step", step_size=0), "step_size must be an int >= 1"),
-        (dict(gamma=0.0), r"gamma must lie in \(0.0, 1.0\]"),
-        (dict(min_lr=0.2), r"min_lr must lie in \[0.0, 0.1\]"),
+        (dict(gamma=0.0), r"gamma must be a number in \(0, 1\]"),
+        (dict(min_lr=0.2), r"min_lr must be a number in \[0, 0.1\]"),
     ],
 )
 def test_bad_arguments(kwargs, match):

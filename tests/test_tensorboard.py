@@ -77,10 +77,10 @@ def test_events_round_trip(tmp_path, rng):
     logdir = tmp_path / "tb"
     with TBLogger(logdir, hist_interval=2, max_images=6) as tb:
         for step in range(1, 4):
-            tb.log_train_step(step, loss=1.0 / step, accuracy=0.1 * step, lr=0.01, images_per_sec=500.0 + step)
+            tb.log_scalars({"train/loss": 1.0 / step, "train/accuracy": 0.1 * step, "train/lr": 0.01,
+                            "train/images_per_sec": 500.0 + step}, step)
             tb.log_histograms(flat, step)  # writes at step 2 only
-        tb.log_eval(epoch=0, loss=0.7, accuracy=0.8)
-        tb.log_scalars({"eval/samples": np.int64(1000)}, 0)
+        tb.log_scalars({"eval/loss": 0.7, "eval/accuracy": 0.8, "eval/samples": np.int64(1000)}, 0)
         samples = rng.normal(size=(10, 28, 28))
         tb.log_input_images(samples, step=3)
         assert tb.log_conv_filters(model, step=3) == "filters/0.weight"
@@ -163,8 +163,7 @@ def test_disabled_logger_is_a_no_op(tmp_path, rng):
     model = Sequential(Weights(rng, weight=(4, 1, 5, 5)))
     flat = FlatParameters(model)
     tb = TBLogger(tmp_path / "rank1", enabled=False)
-    tb.log_train_step(1, 0.5, 0.5, 0.1)
-    tb.log_eval(0, 0.5, 0.5)
+    tb.log_scalars({"train/loss": 0.5}, 1)
     assert not tb.log_histograms(flat, 0)
     tb.log_images(np.zeros((2, 1, 5, 5)), model, 0)
     assert tb.log_conv_filters(model, 0) is None

@@ -12,7 +12,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dtrain.backend import gpu_available, xp_for
-from dtrain.dist.buckets import BucketTiming
+from dtrain.parallel.buckets import BucketTiming
 from dtrain.timeline import (OTHER, PHASES, ChromeTrace, CudaEventClock, HostClock, PhaseTimer, StepRecord,
                              bus_bandwidth, format_breakdown, make_clock, timeline_scalars)
 from mpirun_helper import run_dtrain

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dtrain.checks import check_int
 from dtrain.data.errors import DataError
 
 IMAGE_DTYPES = (np.dtype(np.uint8), np.dtype(np.float32))
@@ -66,8 +67,7 @@ class Dataset:
 
     def head(self, size: int) -> Dataset:
         """The first ``size`` samples (a deterministic subset sharing this dataset's memory)."""
-        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
-            raise ValueError(f"dataset {self.name!r}: size must be a positive int, got {size!r}")
+        check_int(size, f"dataset {self.name!r}: size", 1)
         if size > len(self):
             raise ValueError(
                 f"dataset {self.name!r}: size={size} asks for more samples than the split holds "

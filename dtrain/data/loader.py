@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from dtrain.checks import check_int
 from dtrain.backend import to_device
 from dtrain.data.augment import random_shift_rotate
 from dtrain.data.dataset import Dataset
@@ -76,8 +77,7 @@ class DataLoader:
     ) -> None:
         check_rank(rank, world_size)
         for what, value, low in (("global_batch", global_batch, 1), ("seed", seed, 0), ("prefetch", prefetch, 0)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-                raise ValueError(f"DataLoader: {what} must be an int >= {low}, got {value!r}")
+            check_int(value, f"DataLoader: {what}", low)
         if share is not None:
             start, stop = share
             if not 0 <= start < stop <= global_batch or not drop_last:
@@ -115,9 +115,8 @@ class DataLoader:
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Select the epoch whose order (and augmentation) the next iteration uses, and the
         batch to start from (a run resumed mid-epoch skips the batches it already trained on)."""
-        for what, value in (("epoch", epoch), ("start_batch", start_batch)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-                raise ValueError(f"DataLoader: {what} must be an int >= 0, got {value!r}")
+        check_int(epoch, "DataLoader: epoch", 0)
+        check_int(start_batch, "DataLoader: start_batch", 0)
         self.epoch, self.start_batch = int(epoch), int(start_batch)
 
     def __len__(self) -> int:

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import numpy as np
+from dtrain.checks import check_int
 
 
 def check_rank(rank: int, world_size: int) -> None:
     """``ValueError`` unless ``world_size >= 1`` and ``0 <= rank < world_size``."""
-    if isinstance(world_size, bool) or not isinstance(world_size, (int, np.integer)) or world_size < 1:
-        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
-    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 0 <= rank < world_size:
-        raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
+    check_int(world_size, "world_size", 1)
+    check_int(rank, "rank", 0, world_size)
 
 
 def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:

@@ -5,6 +5,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from dtrain.checks import check_int
 from dtrain.data.dataset import Dataset
 
 DEFAULT_SIZE = 1024
@@ -30,10 +31,8 @@ def load_synthetic(
     shape = tuple(image_shape)
     if len(shape) != 3 or not all(isinstance(d, (int, np.integer)) and d >= 1 for d in shape):
         raise ValueError(f"synthetic: image_shape must be three positive ints (C, H, W), got {image_shape!r}")
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
-        raise ValueError(f"synthetic: size must be a positive int, got {size!r}")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
-        raise ValueError(f"synthetic: num_classes must be a positive int, got {num_classes!r}")
+    check_int(size, "synthetic: size", 1)
+    check_int(num_classes, "synthetic: num_classes", 1)
     stream = _SPLIT_STREAMS[split]
     labels = np.random.default_rng([seed, stream, 0]).integers(0, num_classes, size=size, dtype=np.int64)
     pixels = np.random.default_rng([seed, stream, 1]).integers(0, 256, size=(size, *shape), dtype=np.uint8)

@@ -30,8 +30,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from dtrain.checks import check_int
 from dtrain.backend import DEFAULT_DTYPE, get_array_module
-from dtrain.nn.checks import check_dim, check_dtype, positive_int
+from dtrain.nn.checks import check_dim, check_dtype
 from dtrain.nn.module import Array, Module, Shape
 
 StatsReducer = Callable[[Array], Array]
@@ -54,7 +55,7 @@ class _BatchNorm(Module):
     ) -> None:
         super().__init__()
         name = type(self).__name__
-        positive_int(num_features, "num_features", name)
+        check_int(num_features, f"{name}: num_features", 1)
         if not eps > 0:
             raise ValueError(f"{name}: eps must be > 0, got {eps!r}")
         if momentum is not None and not 0.0 <= momentum <= 1.0:

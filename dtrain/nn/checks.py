@@ -4,13 +4,6 @@ from __future__ import annotations
 from typing import Any
 
 
-def positive_int(value: Any, what: str, layer: str) -> int:
-    """``value`` if it is an int >= 1 (not a bool), else a ``ValueError`` naming ``layer`` and ``what``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{layer}: {what} must be a positive int, got {value!r}")
-    return value
-
-
 def pair(value: Any, what: str, layer: str) -> tuple[int, int]:
     """An int or a pair of ints as ``(h, w)``; anything else is a ``ValueError``."""
     if isinstance(value, bool):

@@ -5,8 +5,9 @@ from typing import Any
 
 import numpy as np
 
+from dtrain.checks import check_int
 from dtrain.backend import DEFAULT_DTYPE, get_array_module
-from dtrain.nn.checks import check_dim, check_dtype, check_rank, pair, positive_int
+from dtrain.nn.checks import check_dim, check_dtype, check_rank, pair
 from dtrain.nn.blocks import for_blocks
 from dtrain.nn.gemm import matmul
 from dtrain.nn.im2col import col2im, im2col, sliding_output_hw
@@ -39,8 +40,8 @@ class Conv2d(Module):
         dtype: Any = None,
     ) -> None:
         super().__init__()
-        self.in_channels = positive_int(in_channels, "in_channels", "Conv2d")
-        self.out_channels = positive_int(out_channels, "out_channels", "Conv2d")
+        self.in_channels = check_int(in_channels, "Conv2d: in_channels", 1)
+        self.out_channels = check_int(out_channels, "Conv2d: out_channels", 1)
         self.has_bias = bool(bias)
         self.kernel_size = pair(kernel_size, "kernel_size", "Conv2d")
         self.stride = pair(stride, "stride", "Conv2d")

@@ -8,6 +8,7 @@ this layer's training forward calls and the ids are ``0 .. N-1``.
 """
 from __future__ import annotations
 
+from dtrain.checks import check_int, check_real
 from dtrain.backend import get_array_module
 from dtrain.nn.module import Array, Module
 from dtrain.nn.rng import uniform
@@ -23,11 +24,9 @@ class Dropout(Module):
 
     def __init__(self, p: float = 0.5, seed: int = 0, salt: int = 0) -> None:
         super().__init__()
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
-            raise ValueError(f"Dropout: p must be a probability in [0, 1), got {p!r}")
-        for what, value in (("seed", seed), ("salt", salt)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"Dropout: {what} must be an int, got {value!r}")
+        check_real(p, "Dropout: p", 0.0, 1.0, high_open=True)
+        check_int(seed, "Dropout: seed")
+        check_int(salt, "Dropout: salt")
         self.p = float(p)
         self.seed = seed
         self.salt = salt

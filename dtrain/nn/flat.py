@@ -16,13 +16,18 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
+from dtrain.checks import check_int
 from dtrain.backend import get_array_module
-from dtrain.nn.module import Array, Module, Shape
+from dtrain.nn.module import Array, Module, Sequential, Shape
 
 
 @dataclass(frozen=True)
 class FlatEntry:
-    """Where parameter ``name`` (``module.params[key]``) lives: ``flat[offset:offset + size]``."""
+    """Where parameter ``name`` (``module.params[key]``) lives: ``flat[offset:offset + size]``.
+
+    ``layer`` is the position of the top-level layer that owns it (the child index of a
+    Sequential, whose backward hooks report the same index; 0 for any other model).
+    """
 
     name: str
     module: Module
@@ -30,6 +35,7 @@ class FlatEntry:
     offset: int
     size: int
     shape: Shape
+    layer: int
 
     @property
     def end(self) -> int:
@@ -69,9 +75,9 @@ class FlatParameters:
     def __init__(self, model: Module, align: int = 1, share_params_with: "FlatParameters | None" = None) -> None:
         if not isinstance(model, Module):
             raise TypeError(f"FlatParameters needs a dtrain Module, got {type(model).__name__}")
-        if isinstance(align, bool) or not isinstance(align, int) or align < 1:
-            raise ValueError(f"FlatParameters: align must be a positive int (elements), got {align!r}")
+        check_int(align, "FlatParameters: align", 1)
         named = list(model.named_parameters())
+        owners = _top_level_owners(model)
         if not named:
             raise ValueError(f"FlatParameters: {type(model).__name__} has no parameters to flatten")
         self._check_not_flattened(named)
@@ -94,7 +100,7 @@ class FlatParameters:
                     f"grads[{key!r}]; register parameters with Module.register_param"
                 )
             offset = _round_up(offset, align)
-            entries.append(FlatEntry(name, mod, key, offset, int(value.size), tuple(value.shape)))
+            entries.append(FlatEntry(name, mod, key, offset, int(value.size), tuple(value.shape), owners.get(id(mod), 0)))
             offset += int(value.size)
 
         self.align = align
@@ -118,10 +124,6 @@ class FlatParameters:
     @property
     def dtype(self) -> Any:
         return self.params.dtype
-
-    def zero_grad(self) -> None:
-        """Set every gradient (and the padding) to zero in one pass."""
-        self.grads[...] = 0
 
     def broken_views(self) -> list[str]:
         """Names of ``params.X``/``grads.X`` arrays that are no longer their slice of the buffers."""
@@ -187,6 +189,15 @@ class FlatParameters:
     def __repr__(self) -> str:
         return (f"FlatParameters({len(self.entries)} tensors, size={self.size}, "
                 f"dtype={self.dtype}, align={self.align})")
+
+
+def _top_level_owners(model: Module) -> dict[int, int]:
+    """``id(layer) -> i`` for every layer inside child ``i`` of a Sequential ``model``."""
+    owners: dict[int, int] = {}
+    for index, child in enumerate(model.layers if isinstance(model, Sequential) else ()):
+        for _, mod in child.named_modules():
+            owners[id(mod)] = index
+    return owners
 
 
 def _is_slice_view(arr: Array | None, buffer: Array, entry: FlatEntry) -> bool:

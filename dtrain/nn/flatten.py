@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+from dtrain.checks import check_int
 from dtrain.nn.module import Array, Module, Shape
 
 
@@ -11,10 +12,8 @@ class Flatten(Module):
 
     def __init__(self, start_dim: int = 1, end_dim: int = -1) -> None:
         super().__init__()
-        if isinstance(start_dim, bool) or not isinstance(start_dim, int) or start_dim < 1:
-            raise ValueError(f"Flatten: start_dim must be an int >= 1 (axis 0 is the batch), got {start_dim!r}")
-        if isinstance(end_dim, bool) or not isinstance(end_dim, int):
-            raise ValueError(f"Flatten: end_dim must be an int, got {end_dim!r}")
+        check_int(start_dim, "Flatten: start_dim", 1)  # axis 0 is the batch
+        check_int(end_dim, "Flatten: end_dim")
         self.start_dim = start_dim
         self.end_dim = end_dim
         self._in_shape: Shape | None = None

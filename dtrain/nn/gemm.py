@@ -1,8 +1,8 @@
 """The one GEMM entry point that Conv2d and Linear use for all their matrix products.
 
-By default it is a plain ``xp.matmul``. When row partitioning is configured
-(:func:`set_partitioner`, see :mod:`dtrain.parallel.row_partition`), every product is
-routed through the partitioner instead, which splits the rows of ``a`` across devices.
+By default it is a plain ``xp.matmul``. Inside ``with RowPartitioner(devices):`` (see
+:mod:`dtrain.parallel.row_partition`) every product is routed through the partitioner
+instead, which splits the rows of ``a`` across devices.
 """
 from __future__ import annotations
 
@@ -15,10 +15,12 @@ Partitioner = Callable[[Any, Any, Any], Any]  # (a, b, out) -> a @ b written int
 _partitioner: Partitioner | None = None
 
 
-def set_partitioner(fn: Partitioner | None) -> None:
-    """Route every layer GEMM through ``fn(a, b, out)``; ``None`` restores plain matmul."""
+def set_partitioner(fn: Partitioner | None) -> Partitioner | None:
+    """Route every layer GEMM through ``fn(a, b, out)`` (``None``: plain matmul); returns
+    the routing it replaces."""
     global _partitioner
-    _partitioner = fn
+    previous, _partitioner = _partitioner, fn
+    return previous
 
 
 def matmul(a: Any, b: Any, out: Any = None) -> Any:

@@ -5,8 +5,9 @@ from typing import Any
 
 import numpy as np
 
+from dtrain.checks import check_int
 from dtrain.backend import DEFAULT_DTYPE, get_array_module
-from dtrain.nn.checks import check_dim, check_dtype, check_rank, positive_int
+from dtrain.nn.checks import check_dim, check_dtype, check_rank
 from dtrain.nn.gemm import matmul
 from dtrain.nn.init import bias_uniform, initialize
 from dtrain.nn.module import Array, Module, Shape
@@ -31,8 +32,8 @@ class Linear(Module):
         dtype: Any = None,
     ) -> None:
         super().__init__()
-        self.in_features = positive_int(in_features, "in_features", "Linear")
-        self.out_features = positive_int(out_features, "out_features", "Linear")
+        self.in_features = check_int(in_features, "Linear: in_features", 1)
+        self.out_features = check_int(out_features, "Linear: out_features", 1)
         rng = rng if rng is not None else np.random.default_rng()
         dtype = np.dtype(dtype if dtype is not None else DEFAULT_DTYPE)
         weight = initialize(init, rng, (out_features, in_features), layer=repr(self))

@@ -6,8 +6,8 @@
 """
 from __future__ import annotations
 
+from dtrain.checks import check_int
 from dtrain.backend import get_array_module
-from dtrain.nn.checks import positive_int
 from dtrain.nn.module import Array, Module, Shape
 
 
@@ -31,7 +31,7 @@ class LocalResponseNorm(Module):
 
     def __init__(self, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0) -> None:
         super().__init__()
-        positive_int(size, "size", "LocalResponseNorm")
+        check_int(size, "LocalResponseNorm: size", 1)
         if not k > 0:
             raise ValueError(f"LocalResponseNorm: k must be > 0 so the denominator stays positive, got {k!r}")
         self.size = size

@@ -17,14 +17,17 @@ equivalent ``torch.nn.Sequential``.
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
-from dtrain.backend import DEFAULT_DTYPE, get_array_module, to_device, to_host
+from dtrain.backend import DEFAULT_DTYPE, Array, get_array_module, to_device, to_host
 
-Array = Any  # numpy.ndarray or cupy.ndarray
 Shape = tuple[int, ...]
+
+
+class StateDictMismatchError(ValueError):
+    """A state dict's keys or shapes do not match the model it is loaded into."""
 
 
 class Module:
@@ -106,10 +109,6 @@ class Module:
         xp = get_array_module(value)
         self.grads[name] = xp.zeros_like(value)
 
-    def zero_grad(self) -> None:
-        for _, mod, key in self.named_parameters():
-            mod.grads[key][...] = 0
-
     def to(self, xp: ModuleType, dtype: Any = None) -> "Module":
         """Move every parameter, gradient and buffer to ``xp`` (and cast to ``dtype``)."""
         for _, mod in self.named_modules():
@@ -133,28 +132,36 @@ class Module:
             out[name] = to_host(mod.buffers[key]).copy()
         return out
 
-    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
-        """Copy arrays into the existing parameters and buffers (in place, keeping views)."""
+    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True, source: str = "state_dict") -> None:
+        """Copy arrays into the existing parameters and buffers (in place, keeping views,
+        cast to their dtype).
+
+        Checked before anything is copied: every shape mismatch and, with ``strict``, every
+        missing and unexpected key, all in one :class:`StateDictMismatchError` that names
+        ``source`` (where ``state`` came from, e.g. a file).
+        """
         targets = {n: (m.params, k) for n, m, k in self.named_parameters()}
         targets.update({n: (m.buffers, k) for n, m, k in self.named_buffers()})
-        missing = sorted(set(targets) - set(state))
-        unexpected = sorted(set(state) - set(targets))
-        if strict and (missing or unexpected):
-            raise KeyError(
-                f"state_dict does not match the model: missing {missing}, unexpected {unexpected}"
+        problems = []
+        missing, unexpected = sorted(set(targets) - set(state)), sorted(set(state) - set(targets))
+        if strict and missing:
+            problems.append(f"missing: {missing}")
+        if strict and unexpected:
+            problems.append(f"not in the model: {unexpected}")
+        mismatched = [f"{name!r}: {tuple(np.shape(state[name]))} given, model {tuple(store[key].shape)}"
+                      for name, (store, key) in targets.items()
+                      if name in state and tuple(np.shape(state[name])) != tuple(store[key].shape)]
+        if mismatched:
+            problems.append("shape mismatches: " + "; ".join(mismatched))
+        if problems:
+            raise StateDictMismatchError(
+                f"{source} does not fit the model ({'; '.join(problems)}). "
+                f"Build the model from the same model config that produced {source}."
             )
         for name, (store, key) in targets.items():
-            if name not in state:
-                continue
-            dst = store[key]
-            src = np.asarray(to_host(state[name]))
-            if tuple(src.shape) != tuple(dst.shape):
-                raise ValueError(
-                    f"state_dict entry {name!r} has shape {tuple(src.shape)}, "
-                    f"the model expects {tuple(dst.shape)}"
-                )
-            xp = get_array_module(dst)
-            dst[...] = xp.asarray(src, dtype=dst.dtype)
+            if name in state:
+                dst = store[key]
+                dst[...] = get_array_module(dst).asarray(to_host(state[name]), dtype=dst.dtype)
 
     def extra_repr(self) -> str:
         return ""

@@ -35,7 +35,3 @@ class Workspace:
             buf = xp.empty(shape, dtype=dtype) if fill is None else xp.full(shape, fill, dtype=dtype)
             self._buffers[name] = buf
         return buf
-
-    def clear(self) -> None:
-        """Drop every buffer (frees the memory; the next call reallocates)."""
-        self._buffers.clear()

@@ -7,7 +7,8 @@ from typing import Sequence
 from dtrain.backend import get_array_module
 from dtrain.nn.flat import FlatParameters
 from dtrain.nn.module import Array
-from dtrain.optim.base import Optimizer, check_bool, check_number
+from dtrain.checks import check_bool, check_real
+from dtrain.optim.base import Optimizer
 
 
 class Adam(Optimizer):
@@ -36,11 +37,11 @@ class Adam(Optimizer):
             beta1, beta2 = self.betas
         except (TypeError, ValueError):
             raise ValueError(f"{name}: betas must be a pair of numbers, got {self.betas!r}") from None
-        self.betas = (check_number(name, "betas[0]", beta1, 0.0, 1.0, high_open=True),
-                      check_number(name, "betas[1]", beta2, 0.0, 1.0, high_open=True))
+        self.betas = (check_real(beta1, f"{name}: betas[0]", 0.0, 1.0, high_open=True),
+                      check_real(beta2, f"{name}: betas[1]", 0.0, 1.0, high_open=True))
         # eps > 0 keeps the update of zero-gradient entries (and the flat padding) at 0, not 0/0
-        self.eps = check_number(name, "eps", self.eps, 0.0, low_open=True)
-        self.decoupled = check_bool(name, "decoupled", self.decoupled)
+        self.eps = check_real(self.eps, f"{name}: eps", 0.0, low_open=True)
+        self.decoupled = check_bool(self.decoupled, f"{name}: decoupled")
 
     def _state_names(self) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq")

@@ -20,29 +20,10 @@ from typing import Any
 import numpy as np
 
 from dtrain.backend import get_array_module, to_host
+from dtrain.checks import check_int, check_real
 from dtrain.nn.blocks import for_blocks
 from dtrain.nn.flat import FlatParameters
 from dtrain.nn.module import Array
-
-
-def check_number(owner: str, name: str, value: Any, low: float = 0.0, high: float = math.inf,
-                 low_open: bool = False, high_open: bool = False) -> float:
-    """``value`` as a float if it lies in the interval ``low..high`` (ends open as told), else ``ValueError``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"{owner}: {name} must be a number, got {value!r}")
-    v = float(value)
-    too_low = v <= low if low_open else v < low
-    too_high = v >= high if high_open else v > high
-    if math.isnan(v) or too_low or too_high:
-        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        raise ValueError(f"{owner}: {name} must lie in {interval}, got {value!r}")
-    return v
-
-
-def check_bool(owner: str, name: str, value: Any) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{owner}: {name} must be true or false, got {value!r}")
-    return bool(value)
 
 
 # Bytes of all buffers one block of the update touches: a few MB, inside the shared L3
@@ -82,7 +63,7 @@ class Optimizer:
     # -- subclass hooks -----------------------------------------------------------------
     def _validate(self) -> None:
         """Check (and normalize) every hyperparameter; raise ``ValueError`` naming a bad one."""
-        self.weight_decay = check_number(type(self).__name__, "weight_decay", self.weight_decay)
+        self.weight_decay = check_real(self.weight_decay, f"{type(self).__name__}: weight_decay", 0.0)
 
     def _state_names(self) -> tuple[str, ...]:
         """Names of the state buffers the current hyperparameters need."""
@@ -105,7 +86,7 @@ class Optimizer:
 
     @lr.setter
     def lr(self, value: float) -> None:
-        self._lr = check_number(type(self).__name__, "lr", value)
+        self._lr = check_real(value, f"{type(self).__name__}: lr", 0.0)
 
     def step(self) -> None:
         """Apply one update to the whole flat parameter buffer from the flat gradient buffer."""
@@ -154,8 +135,7 @@ class Optimizer:
         if state["optimizer"] != name:
             raise ValueError(f"{name}.load_state_dict: the state was saved by {state['optimizer']}, not {name}")
         step = state["step"]
-        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-            raise ValueError(f"{name}.load_state_dict: step must be a non-negative int, got {step!r}")
+        check_int(step, f"{name}.load_state_dict: step", 0)
         hyper = state["hyperparameters"]
         if set(hyper) != set(self.hyperparameter_names):
             raise ValueError(

@@ -4,7 +4,8 @@ from __future__ import annotations
 from dtrain.backend import get_array_module
 from dtrain.nn.flat import FlatParameters
 from dtrain.nn.module import Array
-from dtrain.optim.base import Optimizer, check_bool, check_number
+from dtrain.checks import check_bool, check_real
+from dtrain.optim.base import Optimizer
 
 
 class RMSprop(Optimizer):
@@ -28,11 +29,11 @@ class RMSprop(Optimizer):
 
     def _validate(self) -> None:
         super()._validate()
-        self.alpha = check_number("RMSprop", "alpha", self.alpha, 0.0, 1.0, high_open=True)
+        self.alpha = check_real(self.alpha, "RMSprop: alpha", 0.0, 1.0, high_open=True)
         # eps > 0 keeps the update of zero-gradient entries (and the flat padding) at 0, not 0/0
-        self.eps = check_number("RMSprop", "eps", self.eps, 0.0, low_open=True)
-        self.momentum = check_number("RMSprop", "momentum", self.momentum, 0.0, 1.0, high_open=True)
-        self.centered = check_bool("RMSprop", "centered", self.centered)
+        self.eps = check_real(self.eps, "RMSprop: eps", 0.0, low_open=True)
+        self.momentum = check_real(self.momentum, "RMSprop: momentum", 0.0, 1.0, high_open=True)
+        self.centered = check_bool(self.centered, "RMSprop: centered")
 
     def _state_names(self) -> tuple[str, ...]:
         names = ("square_avg",)

@@ -23,15 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from dtrain.optim.base import check_number
+from dtrain.checks import check_int, check_real
 
 SCHEDULE_KINDS = ("constant", "step", "cosine")
-
-
-def _check_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"LRSchedule: {name} must be an int >= {low}, got {value!r}")
-    return int(value)
 
 
 class LRSchedule:
@@ -43,9 +37,9 @@ class LRSchedule:
         if kind not in SCHEDULE_KINDS:
             raise ValueError(f"LRSchedule: kind must be one of {', '.join(SCHEDULE_KINDS)}, got {kind!r}")
         self.kind = kind
-        self.base_lr = check_number("LRSchedule", "base_lr", base_lr)
-        self.total_steps = _check_int("total_steps", total_steps, 1)
-        self.warmup_steps = _check_int("warmup_steps", warmup_steps, 0)
+        self.base_lr = check_real(base_lr, "LRSchedule: base_lr", 0.0)
+        self.total_steps = check_int(total_steps, "LRSchedule: total_steps", 1)
+        self.warmup_steps = check_int(warmup_steps, "LRSchedule: warmup_steps", 0)
         if self.warmup_steps > self.total_steps:
             raise ValueError(
                 f"LRSchedule: warmup_steps ({warmup_steps}) exceeds total_steps ({total_steps}); "
@@ -56,14 +50,14 @@ class LRSchedule:
                 f"LRSchedule: a cosine schedule needs steps after the warm-up, but warmup_steps == "
                 f"total_steps == {total_steps}; shorten the warm-up or use kind='constant'"
             )
-        self.warmup_start_factor = check_number("LRSchedule", "warmup_start_factor", warmup_start_factor, 0.0, 1.0)
-        self.step_size = _check_int("step_size", step_size, 1) if kind == "step" else step_size
-        self.gamma = check_number("LRSchedule", "gamma", gamma, 0.0, 1.0, low_open=True)
-        self.min_lr = check_number("LRSchedule", "min_lr", min_lr, 0.0, self.base_lr)
+        self.warmup_start_factor = check_real(warmup_start_factor, "LRSchedule: warmup_start_factor", 0.0, 1.0)
+        self.step_size = check_int(step_size, "LRSchedule: step_size", 1) if kind == "step" else step_size
+        self.gamma = check_real(gamma, "LRSchedule: gamma", 0.0, 1.0, low_open=True)
+        self.min_lr = check_real(min_lr, "LRSchedule: min_lr", 0.0, self.base_lr)
 
     def lr_at(self, step: int) -> float:
         """The learning rate for the update after ``step`` completed updates (``step >= 0``)."""
-        step = min(_check_int("lr_at step", step, 0), self.total_steps)
+        step = min(check_int(step, "LRSchedule: lr_at step", 0), self.total_steps)
         if step < self.warmup_steps:
             f0 = self.warmup_start_factor
             return self.base_lr * (f0 + (1.0 - f0) * step / self.warmup_steps)

@@ -4,7 +4,8 @@ from __future__ import annotations
 from dtrain.backend import get_array_module
 from dtrain.nn.flat import FlatParameters
 from dtrain.nn.module import Array
-from dtrain.optim.base import Optimizer, check_bool, check_number
+from dtrain.checks import check_bool, check_real
+from dtrain.optim.base import Optimizer
 
 
 class SGD(Optimizer):
@@ -27,9 +28,9 @@ class SGD(Optimizer):
 
     def _validate(self) -> None:
         super()._validate()
-        self.momentum = check_number("SGD", "momentum", self.momentum, 0.0, 1.0, high_open=True)
-        self.dampening = check_number("SGD", "dampening", self.dampening, 0.0, 1.0)
-        self.nesterov = check_bool("SGD", "nesterov", self.nesterov)
+        self.momentum = check_real(self.momentum, "SGD: momentum", 0.0, 1.0, high_open=True)
+        self.dampening = check_real(self.dampening, "SGD: dampening", 0.0, 1.0)
+        self.nesterov = check_bool(self.nesterov, "SGD: nesterov")
         if self.nesterov and (self.momentum == 0 or self.dampening != 0):
             raise ValueError(
                 f"SGD: nesterov=True needs momentum > 0 and dampening = 0, got momentum={self.momentum}, "

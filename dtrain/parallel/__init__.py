@@ -1,9 +1,3 @@
-"""Parallel execution across devices: row-partitioned GEMMs (model parallelism)."""
-from dtrain.parallel.row_partition import (
-    RowPartitioner,
-    disable_row_partition,
-    enable_row_partition,
-    row_partition_matmul,
-)
-
-__all__ = ["RowPartitioner", "disable_row_partition", "enable_row_partition", "row_partition_matmul"]
+"""Parallel strategies: data-parallel gradient averaging (all-reduce in buckets, the ordered
+chain of deterministic mode, synchronized BatchNorm), compute workers, and row-partitioned
+GEMMs with their device mapping (model parallelism)."""

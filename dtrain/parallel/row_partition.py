@@ -39,12 +39,12 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from functools import lru_cache
 from types import ModuleType
 from typing import Any, Sequence
 
 import numpy as np
-from dtrain.backend import get_array_module, gpu_available
+from dtrain.checks import check_int
+from dtrain.backend import get_array_module, gpu_available, rank_gpus
 from dtrain.nn import gemm
 from dtrain.nn.blocks import split_evenly
 from dtrain.threads import blas_threads, usable_cores
@@ -93,6 +93,21 @@ def device_count(kind: str) -> int:
     return cupy.cuda.runtime.getDeviceCount()
 
 
+def partition_devices(listed: Sequence[int | str], per_rank: int, device: str, local_rank: int,
+                      local_size: int) -> list[int | str]:
+    """The devices a rank splits its GEMMs across: ``listed`` (``parallel.row_partition.devices``)
+    if any, else ``per_rank`` of them (``parallel.devices_per_rank``): the rank's GPUs
+    (:func:`dtrain.backend.rank_gpus`) or that many CPU worker threads. A list of one or
+    none means plain GEMMs."""
+    if listed:
+        return list(listed)
+    if per_rank < 2:
+        return []
+    if device == "gpu":
+        return list(rank_gpus(local_rank, local_size, per_rank, device_count("cuda")))
+    return [f"cpu:{i}" for i in range(per_rank)]
+
+
 def _check_exists(device: PartitionDevice, kind: str) -> None:
     count = device_count(kind)
     if device.index >= count:
@@ -122,12 +137,14 @@ def _check_operands(a: Any, b: Any, out: Any, xp: ModuleType) -> None:
 
 
 class RowPartitioner:
-    """Long-lived row partitioner over ``devices``: ``partitioner(a, b, out) -> out``.
+    """Row partitioner over ``devices``: ``partitioner(a, b, out) -> out``.
 
-    Holds one worker thread per partition (CPU) or one stream per partition (GPU),
-    created on first use. Callable with the :data:`dtrain.nn.gemm.Partitioner`
-    signature, so it plugs into :func:`dtrain.nn.gemm.set_partitioner`. A device may be
-    listed more than once: each listing is a partition with its own thread/stream.
+    The one API: a context manager. Inside ``with RowPartitioner(devices):`` every
+    Conv2d/Linear GEMM (:func:`dtrain.nn.gemm.matmul`) goes through it; on leaving, the
+    previous routing comes back and the partitioner closes (its threads stop). Called
+    directly, it multiplies whatever it is given. Holds one worker thread per partition
+    (CPU) or one stream per partition (GPU), created on first use. A device may be listed
+    more than once: each listing is a partition with its own thread/stream.
     """
 
     def __init__(
@@ -144,15 +161,13 @@ class RowPartitioner:
         for device in self.devices:
             if device.kind is not None:
                 _check_exists(device, device.kind)
-        if isinstance(blas_threads_per_partition, bool) or not isinstance(blas_threads_per_partition, int) \
-                or blas_threads_per_partition < 1:
-            raise ValueError(f"RowPartitioner: blas_threads_per_partition must be a positive int, "
-                             f"got {blas_threads_per_partition!r}")
+        check_int(blas_threads_per_partition, "RowPartitioner: blas_threads_per_partition", 1)
         self.blas_threads_per_partition = blas_threads_per_partition
         self._workers: list[ThreadPoolExecutor] | None = None
         self._streams: list[Any] | None = None
         self._peers_enabled: set[tuple[int, int]] = set()
         self._closed = False
+        self._routed_before: list[Any] = []
 
     def __repr__(self) -> str:
         return (
@@ -193,9 +208,11 @@ class RowPartitioner:
         self._workers = self._streams = None
 
     def __enter__(self) -> RowPartitioner:
+        self._routed_before.append(gemm.set_partitioner(self))
         return self
 
     def __exit__(self, *exc: object) -> None:
+        gemm.set_partitioner(self._routed_before.pop())
         self.close()
 
     def _check_kind(self, kind: str) -> None:
@@ -299,76 +316,3 @@ def _peer_copy(cp: ModuleType, dst: Any, dst_device: int, src: Any, src_device: 
     """Queue a copy of C-contiguous ``src`` into C-contiguous ``dst`` across devices."""
     if src.nbytes:
         cp.cuda.runtime.memcpyPeerAsync(dst.data.ptr, dst_device, src.data.ptr, src_device, src.nbytes, stream.ptr)
-
-
-@lru_cache(maxsize=8)
-def _cached_partitioner(devices: tuple, blas_threads_per_partition: int) -> RowPartitioner:
-    return RowPartitioner(devices, blas_threads_per_partition)
-
-
-def row_partition_matmul(
-    a: Any,
-    b: Any,
-    devices: Sequence[int | str],
-    out: Any = None,
-    blas_threads_per_partition: int = 1,
-) -> Any:
-    """``a`` (M, K) @ ``b`` (K, N) -> (M, N) with the rows of ``a`` split over ``devices``.
-
-    Written into ``out`` when given. Reuses one :class:`RowPartitioner` (threads or
-    streams) per distinct device list; see that class and the module docstring.
-    """
-    if isinstance(devices, (str, int)) or not len(devices):
-        raise ValueError(f"row_partition_matmul needs a non-empty list of devices, e.g. [0, 1]; got {devices!r}")
-    key = tuple(parse_device(d) for d in devices)
-    return _cached_partitioner(key, blas_threads_per_partition)(a, b, out)
-
-
-_active: RowPartitioner | None = None
-
-
-def _install(partitioner: RowPartitioner | None) -> RowPartitioner | None:
-    """Route layer GEMMs through ``partitioner`` (None: plain GEMM); returns the previous one."""
-    global _active
-    previous, _active = _active, partitioner
-    gemm.set_partitioner(partitioner)
-    return previous
-
-
-class RowPartitionScope:
-    """What :func:`enable_row_partition` returns: ``with`` it to restore the previous state."""
-
-    def __init__(self, partitioner: RowPartitioner | None, previous: RowPartitioner | None) -> None:
-        self.partitioner = partitioner
-        self._previous = previous
-
-    def __enter__(self) -> RowPartitioner | None:
-        return self.partitioner
-
-    def __exit__(self, *exc: object) -> None:
-        _install(self._previous)
-        if self.partitioner is not None:
-            self.partitioner.close()
-
-
-def enable_row_partition(
-    devices: Sequence[int | str],
-    blas_threads_per_partition: int = 1,
-) -> RowPartitionScope:
-    """Split the rows of every Conv2d/Linear GEMM across ``devices`` from now on.
-
-    With a single device nothing is installed (plain GEMM, no overhead). Use as a plain
-    call (undo with :func:`disable_row_partition`) or as ``with enable_row_partition(...)``.
-    """
-    partitioner = RowPartitioner(devices, blas_threads_per_partition)
-    if len(partitioner.devices) == 1:
-        partitioner.close()
-        partitioner = None
-    return RowPartitionScope(partitioner, _install(partitioner))
-
-
-def disable_row_partition() -> None:
-    """Back to plain GEMMs; stops the installed partitioner's threads."""
-    previous = _install(None)
-    if previous is not None:
-        previous.close()

@@ -19,9 +19,11 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from typing import Any, Callable, Protocol, Sequence, TypeVar
 
+from dtrain.checks import check_int
 from dtrain.nn.flat import FlatParameters
 from dtrain.nn.loss import SoftmaxCrossEntropy, accuracy_counts
 from dtrain.nn.module import Array, Sequential
+from dtrain.precision import PrecisionPolicy
 from dtrain.threads import blas_threads
 
 T = TypeVar("T")
@@ -43,24 +45,10 @@ class _Untimed:
 UNTIMED = _Untimed()
 
 
-class Precision(Protocol):
-    """What workers need of the precision policy (:mod:`dtrain.precision`)."""
-
-    model: Sequential
-    flat: FlatParameters
-    loss_scale: float
-
-    def prepare(self) -> None: ...
-
-    def cast_input(self, x: Array) -> Array: ...
-
-    def grads_to_master(self) -> None: ...
-
-
 class ComputeWorker:
     """Forward, loss and backward of a batch on ``model``, whose gradients live in ``flat``."""
 
-    def __init__(self, model: Sequential, flat: FlatParameters, precision: Precision) -> None:
+    def __init__(self, model: Sequential, flat: FlatParameters, precision: PrecisionPolicy) -> None:
         self.model = model
         self.flat = flat
         self.precision = precision
@@ -95,9 +83,8 @@ class WorkerPool:
     the others replicas made by ``build_replica()`` (a new model of the same
     architecture, dtype and array module, in training mode) that share its parameters."""
 
-    def __init__(self, precision: Precision, build_replica: Callable[[], Sequential], count: int) -> None:
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise ValueError(f"WorkerPool: count must be a positive int, got {count!r}")
+    def __init__(self, precision: PrecisionPolicy, build_replica: Callable[[], Sequential], count: int) -> None:
+        check_int(count, "WorkerPool: count", 1)
         self.workers = [ComputeWorker(precision.model, precision.flat, precision)]
         for _ in range(count - 1):
             replica = build_replica()

@@ -9,8 +9,8 @@ import sys
 import threading
 import time
 
-from dtrain.dist import make_communicator
-from dtrain.dist.guard import install_abort_on_exception
+from dtrain.comm import make_communicator
+from dtrain.comm.watchdog import install_abort_on_exception
 
 comm = make_communicator("mpi", "cpu")  # no timeout: only the exception hook can end this job
 install_abort_on_exception(comm)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from dtrain.dist import make_communicator
-from dtrain.dist.guard import install_abort_on_exception
+from dtrain.comm import make_communicator
+from dtrain.comm.watchdog import install_abort_on_exception
 
 comm = make_communicator("auto", "cpu", timeout_s=30)
 install_abort_on_exception(comm)

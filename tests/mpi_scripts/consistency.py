@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 from toy import toy_model
 
-from dtrain.dist import make_communicator
-from dtrain.dist.guard import install_abort_on_exception
-from dtrain.dist.sync import RankDivergedError, broadcast_parameters, check_consistency, make_stats_reducer
+from dtrain.comm import make_communicator
+from dtrain.comm.watchdog import install_abort_on_exception
+from dtrain.parallel.sync import RankDivergedError, broadcast_parameters, check_consistency, make_stats_reducer
 from dtrain.nn.flat import FlatParameters
 
 comm = make_communicator("mpi", "cpu", timeout_s=30)

@@ -8,10 +8,12 @@ import cupy
 import numpy as np
 from toy import expected_mean, set_step, toy_model
 
-from dtrain.dist import make_communicator
-from dtrain.dist.buckets import GradientReducer
-from dtrain.dist.guard import install_abort_on_exception
-from dtrain.dist.sync import broadcast_parameters, check_consistency
+from dtrain.comm import make_communicator
+from dtrain.parallel.gradients import AllReduceGradients, OverlappedAllReduceGradients
+from dtrain.parallel.workers import ComputeWorker
+from dtrain.precision import FullPrecision
+from dtrain.comm.watchdog import install_abort_on_exception
+from dtrain.parallel.sync import broadcast_parameters, check_consistency
 from dtrain.nn.flat import FlatParameters
 
 comm = make_communicator("auto", "gpu", timeout_s=60)
@@ -59,14 +61,17 @@ for overlap in (True, False):
     flat = FlatParameters(model)
     broadcast_parameters(comm, model)
     check_consistency(comm, flat, 0)
-    reducer = GradientReducer(flat, comm, model, bucket_bytes=40_000, overlap=overlap)
+    cls = OverlappedAllReduceGradients if overlap else AllReduceGradients
+    averaging = cls(ComputeWorker(model, flat, FullPrecision(model, flat)), flat, comm, 40_000)
+    if overlap:
+        model.register_backward_hook(averaging.layer_done)
     for step in range(2):
         set_step(model, step)
         model.backward(cupy.zeros(1, dtype=cupy.float32))
-        record = reducer.finish()
+        timings = averaging.reduce()
         np.testing.assert_allclose(cupy.asnumpy(flat.grads), expected_mean(model, flat, size, step),
                                    rtol=1e-6, atol=1e-7)
-        assert len(record.buckets) == len(reducer.buckets)
+        assert len(timings) == len(averaging.buckets)
 
 comm.barrier()
 print(f"OK rank {rank}", flush=True)

@@ -14,7 +14,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from mpi4py import MPI
 
-from dtrain.dist.rundir import agree_run_dir
+from dtrain.rundir import agree_run_dir
 
 world = MPI.COMM_WORLD
 if world.rank == 1:

@@ -10,10 +10,12 @@ import time
 import numpy as np
 from toy import toy_model
 
-from dtrain.dist import make_communicator
-from dtrain.dist.buckets import GradientReducer
-from dtrain.dist.guard import install_abort_on_exception
+from dtrain.comm import make_communicator
+from dtrain.comm.watchdog import install_abort_on_exception
 from dtrain.nn.flat import FlatParameters
+from dtrain.parallel.gradients import AllReduceGradients
+from dtrain.parallel.workers import ComputeWorker
+from dtrain.precision import FullPrecision
 
 comm = make_communicator("mpi", "cpu", timeout_s=1.5)
 install_abort_on_exception(comm)
@@ -24,7 +26,8 @@ elif sys.argv[1] == "barrier":
     comm.barrier()
 else:
     model = toy_model(comm.rank)
-    reducer = GradientReducer(FlatParameters(model), comm, model, bucket_bytes=40_000)
+    flat = FlatParameters(model)
+    averaging = AllReduceGradients(ComputeWorker(model, flat, FullPrecision(model, flat)), flat, comm, 40_000)
     model.backward(np.zeros(1, dtype=np.float32))
-    reducer.finish()
+    averaging.reduce()
 print(f"NOT ABORTED rank {comm.rank}", flush=True)

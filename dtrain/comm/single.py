@@ -4,8 +4,8 @@ from __future__ import annotations
 import os
 from typing import Any, NoReturn
 
-from dtrain.dist.base import Communicator, DoneHandle, Handle, flush_std_streams
-from dtrain.nn.module import Array
+from dtrain.comm.base import Communicator, DoneHandle, Handle, flush_std_streams
+from dtrain.backend import Array
 
 
 class SingleCommunicator(Communicator):

@@ -34,8 +34,11 @@ from __future__ import annotations
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from dtrain.checks import check_int
 from dtrain.backend import get_array_module, to_host
-from dtrain.dist.base import Communicator
+from dtrain.comm.base import Communicator
+from dtrain.parallel.gradients import GradientAveraging
+from dtrain.precision import PrecisionPolicy
 from dtrain.nn.batchnorm import BatchNorm1d, BatchNorm2d
 from dtrain.nn.blocks import split_evenly
 from dtrain.nn.module import Module
@@ -61,21 +64,20 @@ def batch_norms(model: Module) -> list[BatchNorm1d | BatchNorm2d]:
     return [layer for _, layer in model.named_modules() if isinstance(layer, (BatchNorm1d, BatchNorm2d))]
 
 
-class OrderedChainReducer:
+class OrderedChainGradients(GradientAveraging):
     """Computes and averages the gradient of a global batch in a rank- and thread-independent order.
 
     ``flat`` is the master model's flat buffers; ``master`` that model (its BatchNorm
     running statistics are updated here); ``pool`` the workers that run this rank's
     micro-batches (see :mod:`dtrain.parallel.workers`); ``precision`` the policy that
     prepares the compute model and unscales its gradients into the master dtype.
-    :meth:`compute_gradients` leaves the mean gradient over all ``chunks`` micro-batches
-    in ``flat.grads`` on every rank.
+    :meth:`compute` leaves the mean gradient over all ``chunks`` micro-batches in
+    ``flat.grads`` on every rank.
     """
 
-    def __init__(self, flat: "FlatParameters", comm: Communicator, chunks: int, pool: "WorkerPool",
-                 precision: Any, master: Module) -> None:
-        if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
-            raise ValueError(f"parallel.deterministic_chunks must be a positive int; got {chunks!r}")
+    def __init__(self, flat: FlatParameters, comm: Communicator, chunks: int, pool: WorkerPool,
+                 precision: PrecisionPolicy, master: Module) -> None:
+        check_int(chunks, "OrderedChainGradients: chunks", 1)
         self.first, self.stop = chunk_range(chunks, comm.rank, comm.size)
         self.flat = flat
         self.comm = comm
@@ -96,13 +98,13 @@ class OrderedChainReducer:
                 layer.defer_running_stats = True
         self._stats: list[list[list[tuple[Any, Any]]]] = []
 
-    def compute_gradients(self, batch: "Batch", step: int, timer: "Timer") -> tuple[float, int, int]:
+    def compute(self, batch: Batch, step: int, timer: Timer) -> tuple[float, int, int]:
         """Forward and backward of this rank's micro-batches of ``batch`` (this rank's share
         of the global batch, ``local_chunks`` equal micro-batches), then the ordered sum;
         returns (loss sum, correct, count) over the local samples."""
         n = len(batch.sample_ids)
         if n % self.local_chunks:
-            raise ValueError(f"OrderedChainReducer: a local batch of {n} samples is not {self.local_chunks} "
+            raise ValueError(f"OrderedChainGradients: a local batch of {n} samples is not {self.local_chunks} "
                              f"equal micro-batches")
         size = n // self.local_chunks
         with timer.phase("forward"):
@@ -121,7 +123,10 @@ class OrderedChainReducer:
             self._finish()
         return totals[0], totals[1], totals[2]
 
-    def _take(self, worker: "ComputeWorker", j: int) -> None:
+    def close(self) -> None:
+        self.pool.close()
+
+    def _take(self, worker: ComputeWorker, j: int) -> None:
         """Take local micro-batch ``j``'s gradient (in ``worker.flat.grads``) and statistics."""
         grads = worker.flat.grads
         if self.comm.rank:
@@ -167,7 +172,7 @@ class OrderedChainReducer:
                     layer.apply_running_stats(xp.asarray(mean), xp.asarray(var))
 
 
-def _micro_batch(batch: "Batch", part: slice, step: int, worker: "ComputeWorker",
-                 timer: "Timer") -> tuple[float, int, int]:
+def _micro_batch(batch: Batch, part: slice, step: int, worker: ComputeWorker,
+                 timer: Timer) -> tuple[float, int, int]:
     return worker.forward_backward(batch.x[part], batch.y[part], step, batch.sample_ids[part], timer)
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from dtrain.backend import get_array_module
-from dtrain.dist.base import Communicator
+from dtrain.comm.base import Communicator
 from dtrain.nn.module import Array, Module
 
 if TYPE_CHECKING:

@@ -6,7 +6,7 @@ import datetime
 import pytest
 from mpirun_helper import assert_ok, run_mpi
 
-from dtrain.dist.rundir import agree_run_dir, resolve_now
+from dtrain.rundir import agree_run_dir, resolve_now
 
 
 def test_without_launcher_argv_is_unchanged(monkeypatch):

@@ -22,3 +22,12 @@ def world_size_from_env() -> int | None:
         if value.isdigit():
             return int(value)
     return None
+
+
+def rank_from_env() -> int:
+    """This process's rank as the launcher set it (0 outside a launcher or when it does not say)."""
+    for var in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
+        value = os.environ.get(var, "")
+        if value.isdigit():
+            return int(value)
+    return 0

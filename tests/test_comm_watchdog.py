@@ -7,8 +7,8 @@ import threading
 import pytest
 from mpirun_helper import run_mpi
 
-from dtrain.dist.guard import CollectiveWatchdog, install_abort_on_exception
-from dtrain.dist.single import SingleCommunicator
+from dtrain.comm.watchdog import CollectiveWatchdog, install_abort_on_exception
+from dtrain.comm.single import SingleCommunicator
 
 
 class RecordingComm:

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from mpirun_helper import assert_ok, run_mpi
 
-from dtrain.dist import make_communicator
-from dtrain.dist.single import SingleCommunicator
+from dtrain.comm import make_communicator
+from dtrain.comm.single import SingleCommunicator
 
 LAUNCHER_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")
 
@@ -42,7 +42,7 @@ def test_bad_backend_or_device_is_named(backend, device, match):
 
 @pytest.mark.parametrize("piece", [-1, 2.5, True])
 def test_a_bad_mpi_piece_size_is_named_before_mpi_starts(piece):
-    with pytest.raises(ValueError, match="parallel.mpi_piece_mb"):
+    with pytest.raises(ValueError, match="piece_bytes .0: whole buffers. must be an int >= 0"):
         make_communicator("mpi", "cpu", mpi_piece_bytes=piece)
 
 

@@ -1,4 +1,8 @@
-"""One Hydra run directory for all ranks of an MPI job.
+"""Run directories: one Hydra run directory for all ranks of an MPI job, and the earlier
+runs whose checkpoints ``auto`` picks from.
+
+Where runs go is defined once, by ``hydra.run.dir`` and ``hydra.sweep.dir`` in
+``conf/config.yaml`` (:func:`dir_templates`).
 
 Hydra names the run directory after the current time (``${now:...}``); ranks that start
 in different seconds would each create their own. :func:`agree_run_dir` runs before
@@ -10,12 +14,16 @@ still reach stderr through Python's last-resort logging handler).
 from __future__ import annotations
 
 import datetime
+import functools
 import re
+from pathlib import Path
 
-from dtrain.dist.env import launched_by_mpi, world_size_from_env
+import yaml
 
-RUN_DIR_FORMAT = "outputs/%Y-%m-%d/%H-%M-%S-%f"
-SWEEP_DIR_FORMAT = "multirun/%Y-%m-%d/%H-%M-%S-%f"
+from dtrain.checkpoint import find_latest_run_checkpoint
+from dtrain.comm.env import launched_by_mpi, world_size_from_env
+from dtrain.config import config_dir
+
 QUIET_OVERRIDES = ("hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none")
 
 _NOW = re.compile(r"\$\{now:([^}]*)\}")
@@ -38,14 +46,29 @@ def resolve_now(template: str, now: datetime.datetime) -> str:
     return _NOW.sub(lambda m: now.strftime(m.group(1)), template)
 
 
-def agree_run_dir(argv: list[str], run_dir_format: str = RUN_DIR_FORMAT,
-                  sweep_dir_format: str = SWEEP_DIR_FORMAT) -> list[str]:
+@functools.lru_cache(maxsize=1)
+def dir_templates() -> dict[str, str]:
+    """``hydra.run.dir`` and ``hydra.sweep.dir`` of ``conf/config.yaml``, ``${now:...}`` unresolved:
+    the one definition of where runs go."""
+    hydra = yaml.safe_load((config_dir() / "config.yaml").read_text())["hydra"]
+    return {"hydra.run.dir": hydra["run"]["dir"], "hydra.sweep.dir": hydra["sweep"]["dir"]}
+
+
+def run_roots(run_dir: Path) -> list[Path]:
+    """Where earlier runs live: this run's root (``<root>/<date>/<time>``, sweeps one level
+    deeper) and the default roots of single runs and sweeps, relative to the working directory."""
+    depth = 2 if (run_dir / ".." / "multirun.yaml").exists() else 1
+    defaults = [Path(template.split("${", 1)[0]) for template in dir_templates().values()]
+    return [run_dir.resolve().parents[depth], *defaults]
+
+
+def agree_run_dir(argv: list[str]) -> list[str]:
     """Hydra command-line overrides ``argv`` with the run directory agreed by all ranks.
 
     Outside MPI, or in a world of one, ``argv`` comes back unchanged. Otherwise rank 0
     takes the directory the user passed (``hydra.run.dir=...``, or ``hydra.sweep.dir``
-    with ``-m``/``--multirun``), resolving any ``${now:...}`` in it, or else
-    ``now.strftime(run_dir_format)``; all ranks receive it. Collective: every rank must call it.
+    with ``-m``/``--multirun``), else the one in ``conf/config.yaml``, resolving any
+    ``${now:...}`` in it; all ranks receive it. Collective: every rank must call it.
     """
     argv = list(argv)
     if not launched_by_mpi() or world_size_from_env() == 1:
@@ -60,9 +83,13 @@ def agree_run_dir(argv: list[str], run_dir_format: str = RUN_DIR_FORMAT,
     chosen = None
     if comm.Get_rank() == 0:
         now = datetime.datetime.now()
-        user_value = _last_value(argv, key)
-        chosen = resolve_now(user_value, now) if user_value else now.strftime(sweep_dir_format if multirun else run_dir_format)
+        try:
+            chosen = resolve_now(_last_value(argv, key) or dir_templates()[key], now)
+        except Exception as err:  # the other ranks wait in the broadcast: hand them the error
+            chosen = err
     chosen = comm.bcast(chosen, root=0)
+    if isinstance(chosen, Exception):
+        raise chosen
 
     replaced = {key}
     extra = [f"{key}={chosen}"]
@@ -70,3 +97,14 @@ def agree_run_dir(argv: list[str], run_dir_format: str = RUN_DIR_FORMAT,
         replaced.update(_override_key(arg) for arg in QUIET_OVERRIDES)
         extra.extend(QUIET_OVERRIDES)
     return [arg for arg in argv if _override_key(arg) not in replaced] + extra
+
+
+def resolve_checkpoint(value: str, run_dir: Path) -> Path | None:
+    """``trainer.resume`` / ``trainer.checkpoint``: a ``ckpt-*.npz`` path, or ``auto`` for the
+    newest checkpoint of an earlier run (None when there is none)."""
+    if value == "auto":
+        return find_latest_run_checkpoint(run_roots(run_dir), exclude=run_dir)
+    path = Path(value)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; pass a ckpt-*.npz path or 'auto'")
+    return path

@@ -18,8 +18,9 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from dtrain.dist.base import Communicator, Handle, flush_std_streams
-from dtrain.nn.module import Array
+from dtrain.checks import check_int
+from dtrain.comm.base import Communicator, Handle, flush_std_streams
+from dtrain.backend import Array
 
 
 def _mpi_types(MPI: Any) -> dict[np.dtype, Any]:
@@ -79,9 +80,7 @@ class MpiCommunicator(Communicator):
     name = "mpi"
 
     def __init__(self, timeout_s: float | None = None, piece_bytes: int = DEFAULT_PIECE_BYTES) -> None:
-        if isinstance(piece_bytes, bool) or not isinstance(piece_bytes, int) or piece_bytes < 0:
-            raise ValueError(f"MpiCommunicator: piece_bytes must be an int >= 0 (0: whole buffers), got "
-                             f"{piece_bytes!r}; set parallel.mpi_piece_mb >= 0")
+        check_int(piece_bytes, "MpiCommunicator: piece_bytes (0: whole buffers)", 0)
         from mpi4py import MPI  # initializes MPI: only once the arguments are known to be good
 
         self.piece_bytes = piece_bytes

@@ -2,15 +2,15 @@
 
 ``make_communicator`` picks the backend: a world of one (``single``), MPI on host arrays
 (``mpi``, mpi4py) or NCCL on GPU arrays (``nccl``, CuPy). The gradient reducer
-(:mod:`dtrain.dist.buckets`), start-up and consistency helpers (:mod:`dtrain.dist.sync`),
-failure handling (:mod:`dtrain.dist.guard`) and the shared Hydra run directory
-(:mod:`dtrain.dist.rundir`) work with any of them.
+(:mod:`dtrain.parallel.buckets`), start-up and consistency helpers (:mod:`dtrain.parallel.sync`),
+failure handling (:mod:`dtrain.comm.watchdog`) and the shared Hydra run directory
+(:mod:`dtrain.rundir`) work with any of them.
 """
 from __future__ import annotations
 
-from dtrain.dist.base import Communicator, Handle
-from dtrain.dist.env import launched_by_mpi, world_size_from_env
-from dtrain.dist.single import SingleCommunicator
+from dtrain.comm.base import Communicator, Handle
+from dtrain.comm.env import launched_by_mpi, world_size_from_env
+from dtrain.comm.single import SingleCommunicator
 
 BACKENDS = ("auto", "nccl", "mpi", "single")
 DEVICES = ("cpu", "gpu")
@@ -24,7 +24,7 @@ def make_communicator(backend: str = "auto", device: str = "cpu", timeout_s: flo
 
     ``auto`` means ``single`` when the process was not started by an MPI launcher, else
     ``nccl`` on GPU and ``mpi`` on CPU. ``timeout_s`` bounds barriers and gradient
-    reductions (None: no limit); see :class:`dtrain.dist.guard.CollectiveWatchdog`.
+    reductions (None: no limit); see :class:`dtrain.comm.watchdog.CollectiveWatchdog`.
     ``devices_per_rank`` > 1 (hybrid data + row parallelism on GPUs): node-local rank
     ``r`` owns GPUs ``r*K .. r*K+K-1`` and communicates from the first of them.
     ``mpi_piece_bytes``: the MPI backend's all-reduce piece size (None: its default; 0: whole buffers).
@@ -55,10 +55,10 @@ def make_communicator(backend: str = "auto", device: str = "cpu", timeout_s: flo
             f"(or run one process without mpirun and backend=single)"
         ) from exc
     if backend == "mpi":
-        from dtrain.dist.mpi import DEFAULT_PIECE_BYTES, MpiCommunicator
+        from dtrain.comm.mpi import DEFAULT_PIECE_BYTES, MpiCommunicator
 
         piece = DEFAULT_PIECE_BYTES if mpi_piece_bytes is None else mpi_piece_bytes
         return MpiCommunicator(timeout_s=timeout_s, piece_bytes=piece)
-    from dtrain.dist.nccl import NcclCommunicator
+    from dtrain.comm.nccl import NcclCommunicator
 
     return NcclCommunicator(timeout_s=timeout_s, devices_per_rank=devices_per_rank)

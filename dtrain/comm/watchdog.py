@@ -17,9 +17,10 @@ import time
 import traceback
 from types import TracebackType
 from typing import TYPE_CHECKING, Iterator
+from dtrain.checks import check_real
 
 if TYPE_CHECKING:
-    from dtrain.dist.base import Communicator
+    from dtrain.comm.base import Communicator
 
 
 def _write_prefixed(rank: int, text: str) -> None:
@@ -70,9 +71,8 @@ class CollectiveWatchdog:
     """
 
     def __init__(self, comm: "Communicator", timeout_s: float | None) -> None:
-        if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float))
-                                      or not timeout_s > 0):
-            raise ValueError(f"collective timeout_s must be a positive number of seconds or None; got {timeout_s!r}")
+        if timeout_s is not None:
+            check_real(timeout_s, "collective timeout_s (seconds, or None)", 0.0, low_open=True)
         self.comm = comm
         self.timeout_s = None if timeout_s is None else float(timeout_s)
         self._cond = threading.Condition()

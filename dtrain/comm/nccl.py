@@ -1,9 +1,9 @@
 """NCCL collectives on CuPy (GPU) buffers, one process per GPU.
 
 Setup: MPI provides rank, size and the node-local rank (``COMM_TYPE_SHARED``); each
-process selects GPU ``local_rank`` (modulo the visible GPUs, so one-GPU-per-process
-``CUDA_VISIBLE_DEVICES`` setups work too), rank 0 creates the NCCL unique id and MPI
-broadcasts it. Object collectives, the barrier and abort stay on MPI.
+process selects its first GPU by :func:`dtrain.backend.rank_gpus` (all GPUs visible to
+every rank, or each rank's own through ``CUDA_VISIBLE_DEVICES``), rank 0 creates the
+NCCL unique id and MPI broadcasts it. Object collectives, the barrier and abort stay on MPI.
 
 Overlap: a reduction runs on a dedicated non-blocking stream. It first waits (on the GPU,
 via an event) for the work already queued on the caller's current stream, which is what
@@ -17,9 +17,9 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from dtrain.dist.base import Communicator, Handle
-from dtrain.dist.mpi import MpiCommunicator
-from dtrain.nn.module import Array
+from dtrain.comm.base import Communicator, Handle
+from dtrain.comm.mpi import MpiCommunicator
+from dtrain.backend import Array, rank_gpus
 
 
 def _nccl_types(nccl: Any) -> dict[np.dtype, int]:
@@ -78,14 +78,7 @@ class NcclCommunicator(Communicator):
         super().__init__(rank=self._host.rank, size=self._host.size, local_rank=self._host.local_rank,
                          timeout_s=timeout_s)
         visible = cupy.cuda.runtime.getDeviceCount()
-        needed = self._host.local_size * devices_per_rank
-        if 1 < visible < needed:
-            raise RuntimeError(
-                f"backend=nccl: {self._host.local_size} ranks x {devices_per_rank} devices per rank need "
-                f"{needed} GPUs on this node but only {visible} are visible; start fewer ranks "
-                f"(mpirun -n <GPUs / devices_per_rank>) or lower parallel.devices_per_rank"
-            )
-        self.device_id = (self.local_rank * devices_per_rank) % visible
+        self.device_id = rank_gpus(self.local_rank, self._host.local_size, devices_per_rank, visible)[0]
         cupy.cuda.Device(self.device_id).use()
         with self.watchdog.watch("NCCL communicator setup"):
             unique_id = self._host.bcast_object(nccl.get_unique_id() if self.rank == 0 else None)

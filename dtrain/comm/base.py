@@ -6,7 +6,7 @@ contiguous slice of one (``flat.grads[a:b]``), so reducing a gradient bucket nee
 packing copy. Object collectives (pickled Python values) always go over the host.
 
 Every collective is called by every rank in the same order; a rank that skips one makes
-the others wait, which :mod:`dtrain.dist.guard` turns into an abort after ``timeout_s``.
+the others wait, which :mod:`dtrain.comm.watchdog` turns into an abort after ``timeout_s``.
 """
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ import abc
 import sys
 from typing import Any, NoReturn
 
-from dtrain.dist.guard import CollectiveWatchdog
-from dtrain.nn.module import Array
+from dtrain.checks import check_int
+from dtrain.comm.watchdog import CollectiveWatchdog
+from dtrain.backend import Array
 
 OPS = ("sum", "mean")
 
@@ -133,8 +134,7 @@ class Communicator(abc.ABC):
             )
 
     def check_root(self, root: int) -> None:
-        if isinstance(root, bool) or not isinstance(root, int) or not 0 <= root < self.size:
-            raise ValueError(f"{self.name} broadcast: root must be a rank in [0, {self.size}); got {root!r}")
+        check_int(root, f"{self.name}: root (a rank)", 0, self.size)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(rank={self.rank}, size={self.size}, local_rank={self.local_rank})"

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from mpirun_helper import assert_ok, run_mpi
 
-from dtrain.dist.single import SingleCommunicator
-from dtrain.dist.sync import check_consistency, make_stats_reducer, params_checksum
+from dtrain.comm.single import SingleCommunicator
+from dtrain.parallel.sync import check_consistency, make_stats_reducer, params_checksum
 
 
 def test_bit_checksum_is_exact_and_order_independent(rng):
