@@ -24,16 +24,17 @@ import importlib.metadata
 import json
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable
+from typing import Any, BinaryIO
 
 import numpy as np
 import yaml
 
-from dtrain.checks import check_int
 from dtrain.atomic import atomic_write, remove_stale_temp_files
 from dtrain.backend import is_gpu_array, to_host
+from dtrain.checks import check_int
 from dtrain.nn.module import Module
 
 FORMAT = "dtrain-checkpoint-v1"

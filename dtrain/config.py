@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from omegaconf import DictConfig, OmegaConf
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    model_validator,
+)
 
 from dtrain.data.registry import DATASET_NAMES
 from dtrain.nn.init import INITIALIZERS
@@ -129,7 +136,7 @@ class RMSpropConfig(_Optim):
     centered: StrictBool = False
 
 
-OptimConfig = Annotated[Union[SGDConfig, AdamConfig, RMSpropConfig], Field(discriminator="name")]
+OptimConfig = Annotated[SGDConfig | AdamConfig | RMSpropConfig, Field(discriminator="name")]
 
 
 class TrainerConfig(Section):
@@ -276,8 +283,7 @@ def _one_line(err: ValidationError, raw: dict[str, Any]) -> str:
 
 def _message(problem: dict[str, Any]) -> str:
     message = problem["msg"]
-    if message.startswith("Value error, "):
-        message = message[len("Value error, "):]
+    message = message.removeprefix("Value error, ")
     where = [str(part) for part in problem["loc"] if isinstance(part, int)]
     return f"item {where[-1]}: {message}" if where and problem["type"] == "missing" else message
 

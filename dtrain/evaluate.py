@@ -63,4 +63,4 @@ def predict(ctx: RunContext, ds: Dataset, out_path: Path) -> dict[str, Any]:
             writer.writerow(["ImageId", "Label"])
             writer.writerows((i + 1, int(p)) for i, p in enumerate(predicted))
         log.info("wrote %d predictions to %s", len(predicted), out_path)
-    return {"predictions": str(out_path), "count": int(len(predicted))}
+    return {"predictions": str(out_path), "count": len(predicted)}

@@ -5,6 +5,7 @@ import math
 from typing import Literal
 
 import numpy as np
+
 from dtrain.checks import check_int
 
 Normalize = Literal["each", "all", "none"]

@@ -15,7 +15,8 @@ time against ``input_shape``, so a wrong channel count fails before any data is 
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 

@@ -31,7 +31,8 @@ from __future__ import annotations
 import abc
 import logging
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
-from dtrain.checks import check_int
 from dtrain.backend import to_host
+from dtrain.checks import check_int
 from dtrain.image_grid import make_grid
 from dtrain.nn.flat import FlatParameters
 from dtrain.nn.module import Array, Module
@@ -166,10 +167,10 @@ class TBLogger:
             self._writer.close()
             self._writer = None
 
-    def __enter__(self) -> "TBLogger":
+    def __enter__(self) -> TBLogger:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 

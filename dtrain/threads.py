@@ -13,10 +13,12 @@ drives the work, never from two threads at once.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 from threadpoolctl import ThreadpoolController
+
 from dtrain.checks import check_int
 
 _controllers: list[Any] | None = None  # threadpoolctl's handles on the loaded BLAS libraries

@@ -146,13 +146,13 @@ class StepRecord:
 class _Phase:
     """``with timer.phase(name):`` without allocating a context manager per use."""
 
-    def __init__(self, timer: "PhaseTimer", index: int) -> None:
+    def __init__(self, timer: PhaseTimer, index: int) -> None:
         self._timer, self._index = timer, index
 
     def __enter__(self) -> None:
         self._timer._open(self._index)
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._timer._close(self._index)
 
 
@@ -403,8 +403,8 @@ class ChromeTrace:
             self._file.write(("" if self._first else ",\n") + json.dumps(event))
             self._first = False
 
-    def __enter__(self) -> "ChromeTrace":
+    def __enter__(self) -> ChromeTrace:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

@@ -21,14 +21,24 @@ from dtrain.nn import gemm
 from dtrain.nn.flat import FlatParameters
 from dtrain.nn.module import Sequential
 from dtrain.optim import LRSchedule, Optimizer, build_optimizer
-from dtrain.parallel.gradients import AllReduceGradients, GradientAveraging, OverlappedAllReduceGradients
+from dtrain.parallel.gradients import (
+    AllReduceGradients,
+    GradientAveraging,
+    OverlappedAllReduceGradients,
+)
 from dtrain.parallel.ordered import OrderedChainGradients, chunk_range
 from dtrain.parallel.sync import broadcast_parameters, check_consistency
 from dtrain.parallel.workers import ComputeWorker, WorkerPool
 from dtrain.precision import PrecisionPolicy, make_precision
 from dtrain.rundir import resolve_checkpoint
 from dtrain.tensorboard import TBLogger
-from dtrain.timeline import ChromeTrace, PhaseTimer, format_breakdown, peak_host_rss_bytes, timeline_scalars
+from dtrain.timeline import (
+    ChromeTrace,
+    PhaseTimer,
+    format_breakdown,
+    peak_host_rss_bytes,
+    timeline_scalars,
+)
 
 log = logging.getLogger("dtrain")
 

@@ -22,8 +22,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -31,13 +31,13 @@ from threadpoolctl import threadpool_limits
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dtrain.backend import synchronize, xp_for  # noqa: E402
-from dtrain.export import to_torch_sequential  # noqa: E402
+from dtrain.backend import synchronize, xp_for
 from dtrain.config import load_model_spec
-from dtrain.models import build_model  # noqa: E402
-from dtrain.nn.flat import FlatParameters  # noqa: E402
-from dtrain.nn.loss import SoftmaxCrossEntropy  # noqa: E402
-from dtrain.optim import build_optimizer  # noqa: E402
+from dtrain.export import to_torch_sequential
+from dtrain.models import build_model
+from dtrain.nn.flat import FlatParameters
+from dtrain.nn.loss import SoftmaxCrossEntropy
+from dtrain.optim import build_optimizer
 
 Step = Callable[[], None]
 LR = 1e-4  # small: random labels must not diverge

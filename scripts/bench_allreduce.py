@@ -20,16 +20,15 @@ import socket
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
-
-import numpy as np
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dtrain.backend import synchronize, xp_for  # noqa: E402
-from dtrain.comm import Communicator, make_communicator  # noqa: E402
+from dtrain.backend import synchronize, xp_for
+from dtrain.comm import Communicator, make_communicator
 
 MIB = 2**20
 

@@ -16,8 +16,9 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 
 def parse_args() -> argparse.Namespace:
@@ -35,13 +36,13 @@ ARGS = parse_args()
 for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[var] = str(ARGS.threads)
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dtrain.nn.conv import Conv2d  # noqa: E402
-from dtrain.nn.pool import MaxPool2d  # noqa: E402
+from dtrain.nn.conv import Conv2d
+from dtrain.nn.pool import MaxPool2d
 
 # (name, per-sample input shape, dtrain layer factory, torch layer factory)
 Case = tuple[str, tuple[int, ...], Callable[[], Any], Callable[[], torch.nn.Module]]
@@ -161,7 +162,7 @@ def main() -> None:
         totals[0] += d
         totals[1] += t
         rates = f"{3 * flops / d / 1e9:>13.1f}{3 * flops / t / 1e9:>12.1f}" if flops else ""
-        print(f"{case[0]:<7}{str(out_shape):>22}{d * 1e3:>11.1f}{t * 1e3:>10.1f}{d / t:>7.2f}{rates}", flush=True)
+        print(f"{case[0]:<7}{out_shape!s:>22}{d * 1e3:>11.1f}{t * 1e3:>10.1f}{d / t:>7.2f}{rates}", flush=True)
     print(f"{'total':<7}{'':>22}{totals[0] * 1e3:>11.1f}{totals[1] * 1e3:>10.1f}{totals[0] / totals[1]:>7.2f}")
 
 

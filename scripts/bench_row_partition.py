@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dtrain.nn import gemm  # noqa: E402
 from dtrain.nn.conv import Conv2d  # noqa: E402
-from dtrain.parallel import RowPartitioner, enable_row_partition, split_rows  # noqa: E402
+from dtrain.nn.blocks import split_evenly  # noqa: E402
+from dtrain.parallel.row_partition import RowPartitioner  # noqa: E402
 
 # (name, per-sample input shape, out_channels, kernel, padding)
 LAYERS = [("conv2", (96, 13, 13), 256, 5, 2), ("conv4", (384, 6, 6), 384, 3, 1)]
@@ -140,19 +141,18 @@ def bench_gemms(args: argparse.Namespace, partitioner: RowPartitioner, unbudgete
             )
             t = {config: seconds for config, (seconds, _) in measured.items()}
             cores = {config: busy for config, (_, busy) in measured.items()}
-            blocks = split_rows(m, len(DEVICES), partitioner.row_align)
+            blocks = [stop - start for start, stop in split_evenly(m, len(DEVICES))]
             shape = f"{m}x{k}{'.T' if a_layout[1] else ''} @ {k}x{n}{'.T' if b_layout[1] else ''}"
             print(f"{name:6} {gemm_name:11} {shape:>26} {t['1x1'] * 1e3:7.1f} {t['1x2'] * 1e3:7.1f}"
                   f" {t['2x2'] * 1e3:7.1f} {t['2x1'] * 1e3:7.1f} {t['1x2'] / t['2x1']:7.2f}"
                   f" {t['1x1'] / t['2x1']:7.2f} {t['2x2'] / t['2x1']:7.2f} {cores['1x2']:9.2f} {cores['2x1']:9.2f}"
                   f" {bytes_moved(m, k, n, [m], 4) / 1e6:9.1f} {bytes_moved(m, k, n, blocks, 4) / 1e6:10.1f}")
-    print("(.T: operand is a transposed view; row blocks of the 2x1 runs:",
-          f"split_rows(M, 2, row_align={partitioner.row_align}))")
+    print("(.T: operand is a transposed view; the 2x1 runs split the rows of a in two even blocks)")
 
 
 def bench_step(args: argparse.Namespace) -> None:
     from dtrain.config import load_model_spec
-from dtrain.models import build_model
+    from dtrain.models import build_model
     from dtrain.nn.loss import SoftmaxCrossEntropy
 
     spec = load_model_spec("alexnet")
@@ -163,7 +163,6 @@ from dtrain.models import build_model
     labels = rng.integers(0, 10, size=args.batch)
 
     def step() -> None:
-        model.zero_grad()
         loss_fn(model(x), labels)
         model.backward(loss_fn.backward())
         for _, layer, key in model.named_parameters():
@@ -177,7 +176,7 @@ from dtrain.models import build_model
         return run
 
     def partitioned() -> None:
-        with enable_row_partition(DEVICES):
+        with RowPartitioner(DEVICES):  # routes the layers' GEMMs for the step (threads start in ~1 ms)
             step()
 
     measured = measure({"1x1": with_threads(1), "1x2": with_threads(2), "2x1": partitioned}, args.step_reps, args.stat)

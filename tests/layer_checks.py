@@ -1,7 +1,8 @@
 """Helpers shared by the layer tests: relative error, finite differences, PyTorch parity."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch

@@ -6,10 +6,10 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from layer_checks import assert_matches_torch, layer_gradcheck
 
 from dtrain.backend import to_host
 from dtrain.nn.activation import LeakyReLU, ReLU, Sigmoid, Tanh
-from layer_checks import assert_matches_torch, layer_gradcheck
 
 PAIRS = [
     (ReLU, torch.nn.ReLU, {}),

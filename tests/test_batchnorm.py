@@ -7,10 +7,10 @@ import threading
 import numpy as np
 import pytest
 import torch
+from layer_checks import TORCH_TOL, assert_matches_torch, layer_gradcheck, rel_err
 
 from dtrain.backend import to_host
 from dtrain.nn.batchnorm import BatchNorm1d, BatchNorm2d
-from layer_checks import TORCH_TOL, assert_matches_torch, layer_gradcheck, rel_err
 
 CASES = [  # (ours, torch's, input shape)
     (BatchNorm1d, torch.nn.BatchNorm1d, (3, 4)),  # N=2 makes the input gradient ill-conditioned

@@ -6,14 +6,13 @@ import threading
 import numpy as np
 import pytest
 import torch
+from layer_checks import assert_matches_torch
 from threadpoolctl import threadpool_limits
 
-from dtrain.nn import AvgPool2d, Conv2d, MaxPool2d, ReLU
-from dtrain.nn import blocks
+from dtrain.nn import AvgPool2d, Conv2d, MaxPool2d, ReLU, blocks
 from dtrain.nn.blocks import for_blocks, split_evenly
 from dtrain.nn.layout import as_nchw, batch_last
 from dtrain.nn.workspace import Workspace
-from layer_checks import assert_matches_torch
 
 
 @pytest.mark.parametrize("total,parts", [(0, 1), (1, 3), (7, 2), (10, 5), (13, 4)])

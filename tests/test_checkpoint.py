@@ -20,9 +20,8 @@ from dtrain.nn.activation import ReLU
 from dtrain.nn.batchnorm import BatchNorm1d
 from dtrain.nn.flat import FlatParameters
 from dtrain.nn.linear import Linear
-from dtrain.nn.module import Sequential
+from dtrain.nn.module import Sequential, StateDictMismatchError
 from dtrain.optim import SGD, Adam
-from dtrain.nn.module import StateDictMismatchError
 
 CONFIG = "model:\n  name: tiny\noptim:\n  lr: 0.1\n"
 

@@ -7,8 +7,8 @@ import threading
 import pytest
 from mpirun_helper import run_mpi
 
-from dtrain.comm.watchdog import CollectiveWatchdog, install_abort_on_exception
 from dtrain.comm.single import SingleCommunicator
+from dtrain.comm.watchdog import CollectiveWatchdog, install_abort_on_exception
 
 
 class RecordingComm:
@@ -39,9 +39,8 @@ def test_watchdog_stays_quiet_when_collectives_finish():
     comm = RecordingComm()
     watchdog = CollectiveWatchdog(comm, timeout_s=60)
     for _ in range(100):
-        with watchdog.watch("barrier"):
-            with watchdog.watch("nested"):
-                pass
+        with watchdog.watch("barrier"), watchdog.watch("nested"):
+            pass
     assert not watchdog._armed and not comm.aborted.is_set()
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from layer_checks import assert_matches_torch, layer_gradcheck
 
 from dtrain.backend import to_host
 from dtrain.nn import gemm
 from dtrain.nn.conv import Conv2d
 from dtrain.nn.im2col import col2im, im2col
 from dtrain.nn.workspace import Workspace
-from layer_checks import assert_matches_torch, layer_gradcheck
 
 # (batch, in_channels, out_channels, H, W, kernel, stride, padding, bias)
 CASES = [

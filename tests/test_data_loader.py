@@ -24,7 +24,7 @@ def _prefetch_threads():
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_shard_indices_cover_every_index_once(world_size):
-    for n in range(0, 20):
+    for n in range(20):
         shards = [shard_indices(n, r, world_size) for r in range(world_size)]
         np.testing.assert_array_equal(np.concatenate(shards), np.arange(n))
         sizes = [len(s) for s in shards]

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from mpirun_helper import launch, run_dtrain
 
 # A model with dropout: its randomness must not depend on how the global batch is split.

@@ -4,11 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from layer_checks import layer_gradcheck, rel_err
 
 from dtrain.backend import to_host
 from dtrain.nn.dropout import Dropout
 from dtrain.nn.rng import hash_bits, mix64, uniform
-from layer_checks import layer_gradcheck, rel_err
 
 MASK = (1 << 64) - 1
 

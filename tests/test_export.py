@@ -23,9 +23,8 @@ from dtrain.nn.dropout import Dropout
 from dtrain.nn.flatten import Flatten
 from dtrain.nn.linear import Linear
 from dtrain.nn.lrn import LocalResponseNorm
-from dtrain.nn.module import Module, Sequential
+from dtrain.nn.module import Module, Sequential, StateDictMismatchError
 from dtrain.nn.pool import AvgPool2d, MaxPool2d
-from dtrain.nn.module import StateDictMismatchError
 
 FORMATS = [".pt", ".safetensors"]
 INPUT = (3, 8, 8)

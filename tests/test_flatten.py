@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from layer_checks import assert_matches_torch, layer_gradcheck
 
 from dtrain.nn.flatten import Flatten
-from layer_checks import assert_matches_torch, layer_gradcheck
 
 
 @pytest.mark.parametrize("shape", [(1, 3, 4, 5), (6, 2, 3), (4, 7)])

@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from layer_checks import assert_matches_torch, layer_gradcheck
 
 from dtrain.nn import gemm
 from dtrain.nn.linear import Linear
-from layer_checks import assert_matches_torch, layer_gradcheck
 
 SHAPES = [(1, 3, 2), (7, 5, 4), (16, 33, 10)]  # (batch, in_features, out_features)
 

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from layer_checks import TORCH_TOL, check_against_finite_differences, rel_err
 
 from dtrain.backend import to_host
 from dtrain.nn.loss import SoftmaxCrossEntropy, accuracy_counts
-from layer_checks import TORCH_TOL, check_against_finite_differences, rel_err
 
 
 @pytest.mark.parametrize("n,c", [(1, 2), (7, 10), (32, 3)])

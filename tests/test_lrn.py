@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from layer_checks import assert_matches_torch, layer_gradcheck
 
 from dtrain.nn.lrn import LocalResponseNorm, channel_window_sum
-from layer_checks import assert_matches_torch, layer_gradcheck
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 4, 5, 8])

@@ -1,15 +1,12 @@
 """The YAML model builder: shipped models, shape checks at build time, clear errors."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
 from dtrain.config import load_model_spec
 from dtrain.models import build_model
-
 
 
 def _spec(name: str) -> dict:

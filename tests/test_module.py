@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from layer_checks import rel_err
 
 from dtrain.backend import to_host
 from dtrain.nn.activation import ReLU
@@ -12,7 +13,6 @@ from dtrain.nn.dropout import Dropout
 from dtrain.nn.flat import FlatParameters
 from dtrain.nn.linear import Linear
 from dtrain.nn.module import Module, Sequential, StateDictMismatchError
-from layer_checks import rel_err
 
 
 class Recorder(Module):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from layer_checks import check_against_finite_differences, rel_err
 
 from dtrain.backend import to_host
 from dtrain.nn.activation import ReLU, Tanh
@@ -22,7 +23,6 @@ from dtrain.nn.loss import SoftmaxCrossEntropy
 from dtrain.nn.lrn import LocalResponseNorm
 from dtrain.nn.module import Sequential
 from dtrain.nn.pool import MaxPool2d
-from layer_checks import check_against_finite_differences, rel_err
 
 BATCH, CLASSES = 3, 5
 INPUT = (2, 8, 8)  # C, H, W

@@ -16,7 +16,7 @@ from dtrain.parallel.workers import ComputeWorker
 from dtrain.precision import FullPrecision
 
 sys.path.insert(0, str(SCRIPTS))
-from toy import SHAPES, set_step, toy_model  # noqa: E402
+from toy import SHAPES, set_step, toy_model
 
 
 def _flat(align: int = 1):

@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from layer_checks import assert_matches_torch, layer_gradcheck
 
 from dtrain.nn.pool import AvgPool2d, MaxPool2d
-from layer_checks import assert_matches_torch, layer_gradcheck
 
 # (input shape, kernel, stride, padding)
 CASES = [

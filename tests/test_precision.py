@@ -12,13 +12,19 @@ import pytest
 import torch
 
 from dtrain.checkpoint import load_checkpoint, save_checkpoint
+from dtrain.config import PrecisionConfig
 from dtrain.models import build_model
 from dtrain.nn.batchnorm import BatchNorm1d, BatchNorm2d
 from dtrain.nn.flat import FlatParameters
 from dtrain.nn.loss import SoftmaxCrossEntropy
 from dtrain.optim import SGD
-from dtrain.config import PrecisionConfig
-from dtrain.precision import FullPrecision, LossScaler, MixedPrecision, enable_tf32, make_precision
+from dtrain.precision import (
+    FullPrecision,
+    LossScaler,
+    MixedPrecision,
+    enable_tf32,
+    make_precision,
+)
 
 # A small conv net with both BatchNorm kinds, so the shared running statistics are covered.
 SPEC = {

@@ -19,7 +19,11 @@ from threadpoolctl import threadpool_info, threadpool_limits
 from dtrain.backend import get_array_module, to_host
 from dtrain.nn import gemm
 from dtrain.nn.blocks import split_evenly
-from dtrain.parallel.row_partition import RowPartitioner, device_count, partition_devices
+from dtrain.parallel.row_partition import (
+    RowPartitioner,
+    device_count,
+    partition_devices,
+)
 
 pytestmark = pytest.mark.blas
 

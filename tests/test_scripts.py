@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from mpirun_helper import launch
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -3,20 +3,30 @@ and what a training run (1 and 2 ranks) writes with ``logging.timeline=true``.""
 from __future__ import annotations
 
 import json
-import time
 import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
+from mpirun_helper import run_dtrain
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_app import FAST, dtrain, run_dirs
 
 from dtrain.backend import gpu_available, xp_for
 from dtrain.parallel.buckets import BucketTiming
-from dtrain.timeline import (OTHER, PHASES, ChromeTrace, CudaEventClock, HostClock, PhaseTimer, StepRecord,
-                             bus_bandwidth, format_breakdown, make_clock, timeline_scalars)
-from mpirun_helper import run_dtrain
-from test_app import FAST, dtrain, run_dirs
+from dtrain.timeline import (
+    OTHER,
+    PHASES,
+    ChromeTrace,
+    CudaEventClock,
+    HostClock,
+    PhaseTimer,
+    StepRecord,
+    bus_bandwidth,
+    format_breakdown,
+    make_clock,
+    timeline_scalars,
+)
 
 
 class ScriptedTime:

@@ -1,10 +1,9 @@
-"""Communication for data-parallel training: one :class:`Communicator` per strategy.
+"""Transport between the ranks of a job: one :class:`Communicator` class per strategy.
 
 ``make_communicator`` picks the backend: a world of one (``single``), MPI on host arrays
-(``mpi``, mpi4py) or NCCL on GPU arrays (``nccl``, CuPy). The gradient reducer
-(:mod:`dtrain.parallel.buckets`), start-up and consistency helpers (:mod:`dtrain.parallel.sync`),
-failure handling (:mod:`dtrain.comm.watchdog`) and the shared Hydra run directory
-(:mod:`dtrain.rundir`) work with any of them.
+(``mpi``, mpi4py) or NCCL on GPU arrays (``nccl``, CuPy). Failure handling (an error on
+one rank ends all, a stuck collective times out) is :mod:`dtrain.comm.watchdog`. What is
+sent (gradients, statistics) is decided by the strategies in :mod:`dtrain.parallel`.
 """
 from __future__ import annotations
 

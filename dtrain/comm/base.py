@@ -14,9 +14,9 @@ import abc
 import sys
 from typing import Any, NoReturn
 
+from dtrain.backend import Array
 from dtrain.checks import check_int
 from dtrain.comm.watchdog import CollectiveWatchdog
-from dtrain.backend import Array
 
 OPS = ("sum", "mean")
 
@@ -47,7 +47,7 @@ class DoneHandle(Handle):
 class Communicator(abc.ABC):
     """Collectives among ``size`` ranks; this process is ``rank`` (``local_rank`` on its node).
 
-    ``timeout_s`` (None: wait forever) bounds :meth:`barrier` and the gradient reducer's
+    ``timeout_s`` (None: wait forever) bounds :meth:`barrier` and the gradient all-reduce's
     wait; a collective that takes longer aborts the whole job with a message.
     """
 

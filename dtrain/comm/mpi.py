@@ -4,12 +4,12 @@ The job's processes come from ``mpirun``/``srun``; the communicator works on a
 duplicate of ``COMM_WORLD`` so its traffic never matches messages of other MPI users in
 the same process. ``iallreduce`` is ``MPI_Iallreduce``: Open MPI progresses it only
 while some MPI call runs, so callers that want overlap poke it with ``Handle.test()``
-(the gradient reducer does so after every layer's backward).
+(the overlapped all-reduce does so after every layer's backward).
 
 All-reduces of large buffers go out in pieces of at most ``piece_bytes`` (default
-8 MiB), one collective each: on shared memory, Open MPI's algorithm for messages of
-32 MiB and more ran at a third of the bandwidth it reaches on 2-16 MiB messages here
-(2 ranks, AlexNet's 99 MB gradient: 64 ms whole, 22 ms in 8 MiB pieces).
+8 MiB), one collective each: Open MPI switches to another algorithm for large messages,
+which on shared memory is much slower than the one it uses for a few MiB (README's
+performance section has the measurement, ``scripts/bench_allreduce.py`` repeats it).
 """
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from typing import Any, NoReturn
 
 import numpy as np
 
+from dtrain.backend import Array
 from dtrain.checks import check_int
 from dtrain.comm.base import Communicator, Handle, flush_std_streams
-from dtrain.backend import Array
 
 
 def _mpi_types(MPI: Any) -> dict[np.dtype, Any]:
@@ -81,7 +81,9 @@ class MpiCommunicator(Communicator):
 
     def __init__(self, timeout_s: float | None = None, piece_bytes: int = DEFAULT_PIECE_BYTES) -> None:
         check_int(piece_bytes, "MpiCommunicator: piece_bytes (0: whole buffers)", 0)
-        from mpi4py import MPI  # initializes MPI: only once the arguments are known to be good
+        from mpi4py import (
+            MPI,  # initializes MPI: only once the arguments are known to be good
+        )
 
         self.piece_bytes = piece_bytes
 

@@ -8,7 +8,7 @@ NCCL unique id and MPI broadcasts it. Object collectives, the barrier and abort 
 Overlap: a reduction runs on a dedicated non-blocking stream. It first waits (on the GPU,
 via an event) for the work already queued on the caller's current stream, which is what
 produced the gradients; the caller's stream keeps computing the next layers meanwhile.
-``Handle.wait()`` blocks the host on a completion event, so the reducer's time
+``Handle.wait()`` blocks the host on a completion event, so the all-reduce's time
 accounting and the collective watchdog see a stuck reduction.
 """
 from __future__ import annotations
@@ -17,9 +17,9 @@ from typing import Any, NoReturn
 
 import numpy as np
 
+from dtrain.backend import Array, rank_gpus
 from dtrain.comm.base import Communicator, Handle
 from dtrain.comm.mpi import MpiCommunicator
-from dtrain.backend import Array, rank_gpus
 
 
 def _nccl_types(nccl: Any) -> dict[np.dtype, int]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 import os
 from typing import Any, NoReturn
 
-from dtrain.comm.base import Communicator, DoneHandle, Handle, flush_std_streams
 from dtrain.backend import Array
+from dtrain.comm.base import Communicator, DoneHandle, Handle, flush_std_streams
 
 
 class SingleCommunicator(Communicator):

@@ -15,8 +15,10 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Iterator
 from types import TracebackType
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
+
 from dtrain.checks import check_real
 
 if TYPE_CHECKING:
@@ -30,7 +32,7 @@ def _write_prefixed(rank: int, text: str) -> None:
         sys.stderr.write("\n")
 
 
-def install_abort_on_exception(comm: "Communicator") -> None:
+def install_abort_on_exception(comm: Communicator) -> None:
     """Abort every rank when any rank dies of an uncaught exception.
 
     Installs ``sys.excepthook`` and ``threading.excepthook``: the first uncaught exception
@@ -70,7 +72,7 @@ class CollectiveWatchdog:
     does nothing. Watches may nest; each has its own deadline.
     """
 
-    def __init__(self, comm: "Communicator", timeout_s: float | None) -> None:
+    def __init__(self, comm: Communicator, timeout_s: float | None) -> None:
         if timeout_s is not None:
             check_real(timeout_s, "collective timeout_s (seconds, or None)", 0.0, low_open=True)
         self.comm = comm

@@ -20,8 +20,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from dtrain.checks import check_int
 from dtrain.backend import to_device
+from dtrain.checks import check_int
 from dtrain.data.augment import random_shift_rotate
 from dtrain.data.dataset import Dataset
 from dtrain.data.prefetch import prefetched

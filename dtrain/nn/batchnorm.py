@@ -26,12 +26,13 @@ batch mean.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
-from dtrain.checks import check_int
 from dtrain.backend import DEFAULT_DTYPE, get_array_module
+from dtrain.checks import check_int
 from dtrain.nn.checks import check_dim, check_dtype
 from dtrain.nn.module import Array, Module, Shape
 

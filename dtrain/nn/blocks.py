@@ -2,8 +2,8 @@
 
 Pooling, ReLU and the im2col/col2im copies are chains of cheap array operations over
 arrays of tens of MB. Applied to a whole array, every operation in the chain streams it
-from RAM; applied to a few channels at a time, the chain runs in cache (3-4x faster for
-max pooling, measured on AlexNet's first pooling layer). NumPy releases the GIL inside
+from RAM; applied to a few channels at a time, the chain runs in cache, several times
+faster for max pooling (``scripts/bench_layers.py`` shows it). NumPy releases the GIL inside
 each operation, so blocks handed to different threads run in parallel; the number of
 threads is the process's BLAS thread budget (:func:`dtrain.threads.current_blas_threads`,
 one per rank under MPI), so the copies use the cores the GEMMs may use, and no more.
@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any
 
 from dtrain.backend import is_gpu_array
 from dtrain.threads import current_blas_threads

@@ -5,10 +5,10 @@ from typing import Any
 
 import numpy as np
 
-from dtrain.checks import check_int
 from dtrain.backend import DEFAULT_DTYPE, get_array_module
-from dtrain.nn.checks import check_dim, check_dtype, check_rank, pair
+from dtrain.checks import check_int
 from dtrain.nn.blocks import for_blocks
+from dtrain.nn.checks import check_dim, check_dtype, check_rank, pair
 from dtrain.nn.gemm import matmul
 from dtrain.nn.im2col import col2im, im2col, sliding_output_hw
 from dtrain.nn.init import bias_uniform, initialize

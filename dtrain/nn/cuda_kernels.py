@@ -140,7 +140,7 @@ KERNELS: dict[str, tuple[str, str, str]] = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _kernels() -> dict[str, Any]:
     import cupy
 

@@ -8,8 +8,8 @@ this layer's training forward calls and the ids are ``0 .. N-1``.
 """
 from __future__ import annotations
 
-from dtrain.checks import check_int, check_real
 from dtrain.backend import get_array_module
+from dtrain.checks import check_int, check_real
 from dtrain.nn.module import Array, Module
 from dtrain.nn.rng import uniform
 

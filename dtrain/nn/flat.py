@@ -16,8 +16,8 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
-from dtrain.checks import check_int
 from dtrain.backend import get_array_module
+from dtrain.checks import check_int
 from dtrain.nn.module import Array, Module, Sequential, Shape
 
 
@@ -44,7 +44,7 @@ class FlatEntry:
 
 
 # Layer -> the FlatParameters that rebound its arrays, to refuse flattening a model twice.
-_OWNERS: "weakref.WeakKeyDictionary[Module, weakref.ref[FlatParameters]]" = weakref.WeakKeyDictionary()
+_OWNERS: weakref.WeakKeyDictionary[Module, weakref.ref[FlatParameters]] = weakref.WeakKeyDictionary()
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -72,7 +72,7 @@ class FlatParameters:
     their own: a replica that computes its own gradients of the shared weights.
     """
 
-    def __init__(self, model: Module, align: int = 1, share_params_with: "FlatParameters | None" = None) -> None:
+    def __init__(self, model: Module, align: int = 1, share_params_with: FlatParameters | None = None) -> None:
         if not isinstance(model, Module):
             raise TypeError(f"FlatParameters needs a dtrain Module, got {type(model).__name__}")
         check_int(align, "FlatParameters: align", 1)
@@ -150,7 +150,7 @@ class FlatParameters:
                 f"move/cast the model before building FlatParameters"
             )
 
-    def _check_same_layout(self, other: "FlatParameters", xp: Any, dtype: Any) -> None:
+    def _check_same_layout(self, other: FlatParameters, xp: Any, dtype: Any) -> None:
         mine = [(e.name, e.offset, e.size, e.shape) for e in self.entries]
         theirs = [(e.name, e.offset, e.size, e.shape) for e in other.entries]
         if mine != theirs or self.size != other.size or get_array_module(other.params) is not xp \

@@ -6,7 +6,8 @@ instead, which splits the rows of ``a`` across devices.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from dtrain.backend import get_array_module
 

@@ -29,8 +29,9 @@ On a GPU each direction is instead one CUDA kernel over the same layout
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from itertools import product
-from typing import Any, Iterator
+from typing import Any
 
 from dtrain.backend import get_array_module, is_gpu_array
 from dtrain.nn import cuda_kernels

@@ -8,7 +8,7 @@ device afterwards. Fans follow PyTorch: for a weight of shape (out, in, *kernel)
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

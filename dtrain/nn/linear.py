@@ -5,8 +5,8 @@ from typing import Any
 
 import numpy as np
 
-from dtrain.checks import check_int
 from dtrain.backend import DEFAULT_DTYPE, get_array_module
+from dtrain.checks import check_int
 from dtrain.nn.checks import check_dim, check_dtype, check_rank
 from dtrain.nn.gemm import matmul
 from dtrain.nn.init import bias_uniform, initialize

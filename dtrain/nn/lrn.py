@@ -6,8 +6,8 @@
 """
 from __future__ import annotations
 
-from dtrain.checks import check_int
 from dtrain.backend import get_array_module
+from dtrain.checks import check_int
 from dtrain.nn.module import Array, Module, Shape
 
 

@@ -16,8 +16,9 @@ equivalent ``torch.nn.Sequential``.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
 from types import ModuleType
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -62,21 +63,21 @@ class Module:
         return 0
 
     # -- structure -------------------------------------------------------------------
-    def children(self) -> dict[str, "Module"]:
+    def children(self) -> dict[str, Module]:
         return {}
 
-    def named_modules(self, prefix: str = "") -> Iterator[tuple[str, "Module"]]:
+    def named_modules(self, prefix: str = "") -> Iterator[tuple[str, Module]]:
         yield prefix, self
         for name, child in self.children().items():
             yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
 
-    def named_parameters(self) -> Iterator[tuple[str, "Module", str]]:
+    def named_parameters(self) -> Iterator[tuple[str, Module, str]]:
         """(full name, owning layer, key) for every parameter, in registration order."""
         for mod_name, mod in self.named_modules():
             for key in mod.params:
                 yield (f"{mod_name}.{key}" if mod_name else key), mod, key
 
-    def named_buffers(self) -> Iterator[tuple[str, "Module", str]]:
+    def named_buffers(self) -> Iterator[tuple[str, Module, str]]:
         for mod_name, mod in self.named_modules():
             for key in mod.buffers:
                 yield (f"{mod_name}.{key}" if mod_name else key), mod, key
@@ -85,12 +86,12 @@ class Module:
         return int(sum(mod.params[k].size for _, mod, k in self.named_parameters()))
 
     # -- mode ------------------------------------------------------------------------
-    def train(self, mode: bool = True) -> "Module":
+    def train(self, mode: bool = True) -> Module:
         for _, mod in self.named_modules():
             mod.training = mode
         return self
 
-    def eval(self) -> "Module":
+    def eval(self) -> Module:
         return self.train(False)
 
     def set_batch_context(self, step: int, sample_ids: Array | None) -> None:
@@ -109,7 +110,7 @@ class Module:
         xp = get_array_module(value)
         self.grads[name] = xp.zeros_like(value)
 
-    def to(self, xp: ModuleType, dtype: Any = None) -> "Module":
+    def to(self, xp: ModuleType, dtype: Any = None) -> Module:
         """Move every parameter, gradient and buffer to ``xp`` (and cast to ``dtype``)."""
         for _, mod in self.named_modules():
             for d in (mod.params, mod.grads, mod.buffers):

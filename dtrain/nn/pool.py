@@ -13,7 +13,8 @@ overlap (kernel 3, stride 2). On a GPU each pass is one CUDA kernel over the sam
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 

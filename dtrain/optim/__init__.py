@@ -29,6 +29,13 @@ def build_optimizer(name: str, flat: FlatParameters, **kwargs: Any) -> Optimizer
 
 
 __all__ = [
-    "Adam", "AdamW", "LRSchedule", "OPTIMIZERS", "Optimizer", "RMSprop", "SCHEDULE_KINDS", "SGD",
+    "OPTIMIZERS",
+    "SCHEDULE_KINDS",
+    "SGD",
+    "Adam",
+    "AdamW",
+    "LRSchedule",
+    "Optimizer",
+    "RMSprop",
     "build_optimizer",
 ]

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 from dtrain.backend import get_array_module
+from dtrain.checks import check_bool, check_real
 from dtrain.nn.flat import FlatParameters
 from dtrain.nn.module import Array
-from dtrain.checks import check_bool, check_real
 from dtrain.optim.base import Optimizer
 
 

@@ -14,7 +14,6 @@ operations, so the result does not depend on the block size or the thread count.
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -25,10 +24,9 @@ from dtrain.nn.blocks import for_blocks
 from dtrain.nn.flat import FlatParameters
 from dtrain.nn.module import Array
 
-
 # Bytes of all buffers one block of the update touches: a few MB, inside the shared L3
-# cache for each thread's block. Smaller blocks lose to the per-call cost of the ~10
-# array operations (blocks of 16K elements were no faster than whole buffers).
+# cache for each thread's block. Much smaller blocks lose to the per-call cost of the
+# ten or so array operations of an update.
 UPDATE_BLOCK_BYTES = 5 * 2**20
 
 

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 from dtrain.backend import get_array_module
+from dtrain.checks import check_bool, check_real
 from dtrain.nn.flat import FlatParameters
 from dtrain.nn.module import Array
-from dtrain.checks import check_bool, check_real
 from dtrain.optim.base import Optimizer
 
 

@@ -19,9 +19,6 @@ Steps past ``total_steps`` keep the value at ``total_steps``. ``step_size`` is u
 from __future__ import annotations
 
 import math
-from typing import Any
-
-import numpy as np
 
 from dtrain.checks import check_int, check_real
 

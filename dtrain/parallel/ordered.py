@@ -34,14 +34,14 @@ from __future__ import annotations
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from dtrain.checks import check_int
 from dtrain.backend import get_array_module, to_host
+from dtrain.checks import check_int
 from dtrain.comm.base import Communicator
-from dtrain.parallel.gradients import GradientAveraging
-from dtrain.precision import PrecisionPolicy
 from dtrain.nn.batchnorm import BatchNorm1d, BatchNorm2d
 from dtrain.nn.blocks import split_evenly
 from dtrain.nn.module import Module
+from dtrain.parallel.gradients import GradientAveraging
+from dtrain.precision import PrecisionPolicy
 
 if TYPE_CHECKING:
     from dtrain.data.loader import Batch

@@ -9,7 +9,7 @@ one per core the process may use). NumPy releases the GIL inside BLAS, so the bl
 really run in parallel, each with its own BLAS thread budget
 (``blas_threads_per_partition``, 1 by default). OpenBLAS built with pthreads (NumPy's
 wheels) has one process-wide thread count: ``openblas_set_num_threads_local`` exists
-in it but writes the same global (checked with ctypes on OpenBLAS 0.3.31), so there is
+in it but writes the same global (OpenBLAS's pthreads build), so there is
 no per-thread setting. The partitioner therefore sets the global count to the budget
 (:func:`dtrain.threads.blas_threads`) for the duration of each partitioned product and
 restores it afterwards; partitioned products are serialized by a lock so that they never
@@ -37,14 +37,16 @@ element by element. Blocks are as even as possible (:func:`split_rows`).
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
-from dtrain.checks import check_int
+
 from dtrain.backend import get_array_module, gpu_available, rank_gpus
+from dtrain.checks import check_int
 from dtrain.nn import gemm
 from dtrain.nn.blocks import split_evenly
 from dtrain.threads import blas_threads, usable_cores

@@ -3,7 +3,8 @@ all-reduce behind synchronized BatchNorm."""
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -57,7 +58,7 @@ def params_checksum(params: Array) -> tuple[int, float]:
     return int(xp.sum(bits, dtype=xp.uint64)), float(xp.sum(params, dtype=xp.float64))
 
 
-def check_consistency(comm: Communicator, flat: "FlatParameters", step: int) -> None:
+def check_consistency(comm: Communicator, flat: FlatParameters, step: int) -> None:
     """Raise :class:`RankDivergedError` on every rank if the ranks' parameters differ or
     some rank has NaN/Inf in them.
 

@@ -15,9 +15,10 @@ micro-batch instead of splitting GEMMs across threads.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from typing import Any, Callable, Protocol, Sequence, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from dtrain.checks import check_int
 from dtrain.nn.flat import FlatParameters

@@ -6,8 +6,13 @@ from toy import toy_model
 
 from dtrain.comm import make_communicator
 from dtrain.comm.watchdog import install_abort_on_exception
-from dtrain.parallel.sync import RankDivergedError, broadcast_parameters, check_consistency, make_stats_reducer
 from dtrain.nn.flat import FlatParameters
+from dtrain.parallel.sync import (
+    RankDivergedError,
+    broadcast_parameters,
+    check_consistency,
+    make_stats_reducer,
+)
 
 comm = make_communicator("mpi", "cpu", timeout_s=30)
 install_abort_on_exception(comm)

@@ -9,12 +9,12 @@ import numpy as np
 from toy import expected_mean, set_step, toy_model
 
 from dtrain.comm import make_communicator
+from dtrain.comm.watchdog import install_abort_on_exception
+from dtrain.nn.flat import FlatParameters
 from dtrain.parallel.gradients import AllReduceGradients, OverlappedAllReduceGradients
+from dtrain.parallel.sync import broadcast_parameters, check_consistency
 from dtrain.parallel.workers import ComputeWorker
 from dtrain.precision import FullPrecision
-from dtrain.comm.watchdog import install_abort_on_exception
-from dtrain.parallel.sync import broadcast_parameters, check_consistency
-from dtrain.nn.flat import FlatParameters
 
 comm = make_communicator("auto", "gpu", timeout_s=60)
 install_abort_on_exception(comm)
