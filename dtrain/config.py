@@ -13,6 +13,7 @@ repository's ``conf/`` there); :func:`config_dir` finds whichever copy exists.
 from __future__ import annotations
 
 from pathlib import Path
+from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from omegaconf import DictConfig, OmegaConf
@@ -317,7 +318,7 @@ def _fields(model: Any) -> dict[str, Any]:
 def _sub_model(annotation: Any) -> Any:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
-    members = get_args(annotation) if get_origin(annotation) is Union else ()
+    members = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else ()
     if members and all(isinstance(m, type) and issubclass(m, BaseModel) for m in members):
         return members
     return None

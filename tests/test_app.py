@@ -172,3 +172,16 @@ def test_non_finite_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path):
     (run,) = run_dirs(tmp_path)
     ckpts = sorted(run.glob("checkpoints/ckpt-*.npz"))
     assert ckpts and np.isfinite(np.load(ckpts[-1])["model/0.weight"]).all()
+
+
+def test_a_users_config_dir_adds_a_model(tmp_path):
+    conf = tmp_path / "my_conf" / "model"
+    conf.mkdir(parents=True)
+    (conf / "mine.yaml").write_text(
+        "name: mine\ninput_shape: [1, 28, 28]\nlayers:\n"
+        "  - {type: Conv2d, in_channels: 1, out_channels: 4, kernel_size: 3, stride: 2}\n"
+        "  - {type: ReLU}\n  - {type: Flatten}\n  - {type: Linear, in_features: 676, out_features: 10}\n")
+    dtrain(tmp_path, "--config-dir", str(tmp_path / "my_conf"), *[o for o in FAST if not o.startswith("model=")],
+           "model=mine", "trainer.max_steps=2")
+    (run,) = run_dirs(tmp_path)
+    assert json.loads((run / "summary.json").read_text())["model"] == "mine"
