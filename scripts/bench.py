@@ -6,7 +6,9 @@
 Both frameworks train the identical network (same weights, batch, dtype and thread
 count) with SGD + momentum on random data; their timed steps are interleaved in one
 process so machine noise hits both alike. Prints images/s for each and the
-dtrain/PyTorch ratio (higher is better for dtrain).
+dtrain/PyTorch ratio (higher is better for dtrain). On a GPU both run full float32
+arithmetic unless ``--tf32`` lets both use TF32 tensor cores (PyTorch allows TF32 in
+cuDNN convolutions by default; here it is switched off for a like-for-like comparison).
 
 ``--memory`` runs each framework alone in a fresh child process (so neither sees the
 other's allocations; both import the same libraries) and reports host resident memory
@@ -52,6 +54,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=0, help="timed steps per round (0: pick by model size)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--memory", action="store_true", help="peak host memory per step instead of speed (CPU)")
+    ap.add_argument("--tf32", action="store_true", help="GPU: TF32 tensor cores for float32 GEMMs and convolutions in "
+                                                        "both frameworks (default: off in both)")
     ap.add_argument("--memory-child", choices=["dtrain", "torch"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory and args.device != "cpu":
@@ -61,10 +65,12 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     threadpool_limits(args.threads, user_api="blas")
+    set_tf32(args.tf32 and args.device == "gpu", torch)
     if args.memory_child:
         print(json.dumps(measure_memory(args.model, args.memory_child, args, torch)))
         return
-    print(f"batch {args.batch}, {args.threads} threads, device {args.device}, float32, torch {torch.__version__}")
+    print(f"batch {args.batch}, {args.threads} threads, device {args.device}, float32"
+          f"{' (TF32 in both)' if args.tf32 and args.device == 'gpu' else ''}, torch {torch.__version__}")
     if args.memory:
         print(f"{'model':<12}{'':<8}{'imports MiB':>12}{'peak MiB':>10}{'training MiB':>14}")
         for name in args.model.split(","):
@@ -79,6 +85,17 @@ def main() -> None:
     for name in args.model.split(","):
         d, t = bench_model(name, args, torch)
         print(f"{name:<12}{d:>14.1f}{t:>14.1f}{d / t:>8.2f}")
+
+
+def set_tf32(enabled: bool, torch) -> None:
+    """The same arithmetic in both frameworks: TF32 on or off for PyTorch's matmuls and cuDNN
+    convolutions (whose default is on) and for dtrain's CuPy GEMMs."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+    if enabled:
+        from dtrain.precision import enable_tf32
+
+        enable_tf32()
 
 
 def dtrain_setup(name: str, args: argparse.Namespace) -> tuple[Step, Step, object, dict]:

@@ -42,9 +42,14 @@ def time_once(comm: Communicator, xp: Any, run: Callable[[], None]) -> float:
 
 
 def init_torch(comm: Communicator, device: str) -> Any:
-    """torch.distributed with gloo (CPU) or NCCL (GPU), rendezvous at rank 0's host."""
+    """torch.distributed with gloo (CPU) or NCCL (GPU), rendezvous at rank 0's host. On GPU
+    each rank first selects the GPU dtrain's NCCL communicator uses: without that every
+    rank would put its tensors on cuda:0 and NCCL stops with "Duplicate GPU detected"."""
+    import torch
     import torch.distributed as dist
 
+    if device == "gpu":
+        torch.cuda.set_device(comm.device_id)
     address = None
     if comm.rank == 0:
         with socket.socket() as s:  # a free port; closed again before torch binds it

@@ -1,9 +1,9 @@
-"""The CUDA kernels of dtrain.nn.cuda_kernels against the CPU path.
+"""The CUDA kernels of dtrain.nn.cuda_kernels against the CPU path, in float64, float32 and float16.
 
-Without a GPU, the kernels' bodies (plain C index arithmetic) are compiled with the host's
-C compiler into a loop over the element index ``i`` and run on NumPy arrays, so their
-index math, padding and accumulation order are checked on every machine with a compiler.
-With a GPU, the real CuPy kernels run too.
+Without a GPU, the kernels' bodies (plain index arithmetic) and their accumulator
+preamble are compiled with the host's C++ compiler into a loop over the element index
+``i`` and run on NumPy arrays, so their index math, padding, accumulation type and order
+are checked on every machine with a compiler. With a GPU, the real CuPy kernels run too.
 """
 from __future__ import annotations
 
@@ -19,7 +19,10 @@ from dtrain.nn import AvgPool2d, MaxPool2d, cuda_kernels
 from dtrain.nn.im2col import col2im, im2col, sliding_output_hw
 from dtrain.nn.workspace import Workspace
 
-C_TYPES = {"T": "double", "A": "double", "U": "unsigned char", "int64": "long long"}
+# The arrays' dtype T -> its C++ type on the host (GCC's _Float16 for float16).
+HOST_TYPES = {np.float64: "double", np.float32: "float", np.float16: "float16"}
+PARAM_TYPES = {"U": "unsigned char", "int64": "long long"}
+DTYPES = list(HOST_TYPES)
 
 # (N, C, H, W), kernel, stride, padding: odd sizes, rectangular kernels, strides that do
 # not divide (H + 2P - K), padding up to half the kernel (what pooling allows).
@@ -43,35 +46,42 @@ def _params(spec: str) -> list[tuple[str, str, bool]]:
 
 @pytest.fixture(scope="module")
 def c_kernels(tmp_path_factory):
-    """Each kernel body compiled as ``void name(long long size, inputs..., outputs...)`` looping over ``i``."""
-    compiler = shutil.which("cc") or shutil.which("gcc")
+    """``call(dtype, name, arrays, geometry, outputs)``: the kernel bodies compiled with the
+    host's C++ compiler, one library per array dtype, each body in a loop over the element
+    index ``i``. The accumulator type comes from the kernels' own preamble."""
+    compiler = shutil.which("g++") or shutil.which("c++")
     if compiler is None:
-        pytest.skip("no C compiler to run the kernel bodies on the host")
-    src = ["#include <stdbool.h>", "typedef double T;", "typedef double A;", "typedef unsigned char U;"]
-    signatures = {}
-    for name, (inputs, outputs, body) in cuda_kernels.KERNELS.items():
-        ins = _params(f"{inputs}, {cuda_kernels._GEOMETRY}")
-        outs = _params(outputs)
-        args = [f"const {C_TYPES[t]}* {n}" if raw else f"{C_TYPES[t]} {n}" for t, n, raw in ins]
-        args += [f"{C_TYPES[t]}* {n}_out" for t, n, _ in outs]
-        declare = " ".join(f"{C_TYPES[t]} {n};" for t, n, _ in outs)
-        store = " ".join(f"{n}_out[i] = {n};" for _, n, _ in outs)
-        src.append(f"void {name}(long long size, {', '.join(args)}) {{\n"
-                   f"  for (long long i = 0; i < size; ++i) {{ {declare}\n{body}\n {store} }}\n}}")
-        signatures[name] = (ins, outs)
+        pytest.skip("no C++ compiler to run the kernel bodies on the host")
     tmp = tmp_path_factory.mktemp("kernels")
-    (tmp / "kernels.c").write_text("\n".join(src))
-    subprocess.run([compiler, "-O1", "-shared", "-fPIC", "-o", str(tmp / "kernels.so"), str(tmp / "kernels.c")],
-                   check=True, capture_output=True, text=True)
-    lib = ctypes.CDLL(str(tmp / "kernels.so"))
+    libs, signatures = {}, {}
+    for dtype, ctype in HOST_TYPES.items():
+        src = ["typedef _Float16 float16;", f"typedef {ctype} T;", "typedef unsigned char U;",
+               cuda_kernels.ACCUMULATOR_PREAMBLE]
+        for name, (inputs, outputs, body) in cuda_kernels.KERNELS.items():
+            ins = _params(f"{inputs}, {cuda_kernels._GEOMETRY}")
+            outs = _params(outputs)
+            types = {"T": "T", "A": "A", **PARAM_TYPES}
+            args = [f"const {types[t]}* {n}" if raw else f"{types[t]} {n}" for t, n, raw in ins]
+            args += [f"{types[t]}* {n}_out" for t, n, _ in outs]
+            declare = " ".join(f"{types[t]} {n};" for t, n, _ in outs)
+            store = " ".join(f"{n}_out[i] = {n};" for _, n, _ in outs)
+            src.append(f'extern "C" void {name}(long long size, {", ".join(args)}) {{\n'
+                       f"  for (long long i = 0; i < size; ++i) {{ {declare}\n{body}\n {store} }}\n}}")
+            signatures[name] = (ins, outs)
+        path = tmp / f"kernels_{np.dtype(dtype).name}"
+        path.with_suffix(".cpp").write_text("\n".join(src))
+        subprocess.run([compiler, "-O1", "-shared", "-fPIC", "-o", str(path.with_suffix(".so")),
+                        str(path.with_suffix(".cpp"))], check=True, capture_output=True, text=True)
+        libs[np.dtype(dtype)] = ctypes.CDLL(str(path.with_suffix(".so")))
 
-    def call(name: str, arrays: list[np.ndarray], geometry: tuple[int, ...], outputs: list[np.ndarray]) -> None:
+    def call(dtype, name: str, arrays: list[np.ndarray], geometry: tuple[int, ...], outputs: list[np.ndarray]) -> None:
         ins, outs = signatures[name]
-        zero = [ctypes.c_double(0.0)] if any(n == "zero" for _, n, _ in ins) else []  # the accumulator's zero
-        assert len(arrays) + len(zero) + len(geometry) == len(ins) and len(outputs) == len(outs)
-        args = [a.ctypes.data_as(ctypes.c_void_p) for a in arrays] + zero + [ctypes.c_longlong(g) for g in geometry]
+        assert len(arrays) + len(geometry) == len(ins) and len(outputs) == len(outs)
+        for a in (*arrays, *outputs):
+            assert a.flags.c_contiguous and a.dtype in (np.dtype(dtype), np.uint8), (a.dtype, dtype)
+        args = [a.ctypes.data_as(ctypes.c_void_p) for a in arrays] + [ctypes.c_longlong(g) for g in geometry]
         args += [o.ctypes.data_as(ctypes.c_void_p) for o in outputs]
-        getattr(lib, name)(ctypes.c_longlong(outputs[0].size), *args)
+        getattr(libs[np.dtype(dtype)], name)(ctypes.c_longlong(outputs[0].size), *args)
 
     return call
 
@@ -86,57 +96,75 @@ def _geometry(shape, kernel, stride, padding):
     return out_hw, (c, h, w, n, *kernel, *stride, *padding, *out_hw)
 
 
+def _work(dtype) -> np.dtype:
+    """The accumulator type of arrays of ``dtype``: float32 for float16, else the dtype itself."""
+    return np.dtype(np.float32) if np.dtype(dtype) == np.float16 else np.dtype(dtype)
+
+
+def _data(rng, shape, dtype) -> np.ndarray:
+    return rng.normal(size=shape).astype(dtype)
+
+
+# Every dtype: float64 and float32 against the CPU path in the same dtype; float16 against the
+# CPU path in float32 (the kernels' accumulator) rounded to float16 once, as the kernels do.
+# Copies, maxima and sums of the same terms in the same order give the same bits.
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape, kernel, stride, padding", CASES)
-def test_im2col_and_col2im_bodies_match_the_cpu_path(c_kernels, rng, shape, kernel, stride, padding):
-    x = rng.normal(size=shape)
+def test_im2col_and_col2im_bodies_match_the_cpu_path(c_kernels, rng, dtype, shape, kernel, stride, padding):
+    x = _data(rng, shape, dtype)
     out_hw, geometry = _geometry(shape, kernel, stride, padding)
     expected = im2col(x, kernel, stride, padding, out_hw, Workspace())
     cols = np.empty_like(expected)
-    c_kernels("im2col", [_chwn(x)], geometry, [cols])
+    c_kernels(dtype, "im2col", [_chwn(x)], geometry, [cols])
     np.testing.assert_array_equal(cols, expected)
 
-    g = rng.normal(size=cols.shape)
-    expected_img = col2im(g, shape, kernel, stride, padding, out_hw)
-    img = np.empty(_chwn(x).shape)
-    c_kernels("col2im", [g], geometry, [img])
-    np.testing.assert_array_equal(img, _chwn(expected_img))  # same terms, same order: same bits
+    g = _data(rng, cols.shape, dtype)
+    expected_img = col2im(g.astype(_work(dtype)), shape, kernel, stride, padding, out_hw).astype(dtype)
+    img = np.empty(_chwn(x).shape, dtype=dtype)
+    c_kernels(dtype, "col2im", [g], geometry, [img])
+    np.testing.assert_array_equal(img, _chwn(expected_img))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape, kernel, stride, padding", CASES)
-def test_max_pool_bodies_match_the_cpu_path(c_kernels, rng, shape, kernel, stride, padding):
-    x = rng.normal(size=shape)
+def test_max_pool_bodies_match_the_cpu_path(c_kernels, rng, dtype, shape, kernel, stride, padding):
+    x = _data(rng, shape, dtype)
     x[0, 0, :2, :2] = 1.5  # ties: the first offset in order must win, on both paths
     layer = MaxPool2d(kernel, stride, padding)
-    expected = layer.forward(x)
+    expected = layer.forward(x.astype(_work(dtype))).astype(dtype)
     out_hw, geometry = _geometry(shape, kernel, stride, padding)
-    y = np.empty(_chwn(expected).shape)
+    y = np.empty(_chwn(expected).shape, dtype=dtype)
     arg = np.empty(y.shape, dtype=np.uint8)
-    c_kernels("max_pool_forward", [_chwn(x)], geometry, [y, arg])
+    c_kernels(dtype, "max_pool_forward", [_chwn(x)], geometry, [y, arg])
     np.testing.assert_array_equal(y, _chwn(expected))
     np.testing.assert_array_equal(arg, layer._argmax(y.shape, np))  # the CPU path's winners
 
-    g = rng.normal(size=expected.shape)
-    expected_dx = layer.backward(g.copy())
-    dx = np.empty(_chwn(x).shape)
-    c_kernels("max_pool_backward", [_chwn(g), arg], geometry, [dx])
+    g = _data(rng, expected.shape, dtype)
+    expected_dx = layer.backward(g.astype(_work(dtype))).astype(dtype)
+    dx = np.empty(_chwn(x).shape, dtype=dtype)
+    c_kernels(dtype, "max_pool_backward", [_chwn(g), arg], geometry, [dx])
     np.testing.assert_array_equal(dx, _chwn(expected_dx))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape, kernel, stride, padding", CASES)
-def test_avg_pool_bodies_match_the_cpu_path(c_kernels, rng, shape, kernel, stride, padding):
-    x = rng.normal(size=shape)
+def test_avg_pool_bodies_match_the_cpu_path(c_kernels, rng, dtype, shape, kernel, stride, padding):
+    # The mean is a sum times 1/(kh*kw) on both paths, but the factor is rounded in each
+    # path's own way: equal within one unit in the last place of the result type.
+    ulp = float(np.finfo(dtype).eps)
+    x = _data(rng, shape, dtype)
     layer = AvgPool2d(kernel, stride, padding)
-    expected = layer.forward(x)
+    expected = layer.forward(x.astype(_work(dtype))).astype(dtype)
     out_hw, geometry = _geometry(shape, kernel, stride, padding)
-    y = np.empty(_chwn(expected).shape)
-    c_kernels("avg_pool_forward", [_chwn(x)], geometry, [y])
-    np.testing.assert_allclose(y, _chwn(expected), rtol=1e-15, atol=0)
+    y = np.empty(_chwn(expected).shape, dtype=dtype)
+    c_kernels(dtype, "avg_pool_forward", [_chwn(x)], geometry, [y])
+    np.testing.assert_allclose(y.astype(np.float64), _chwn(expected).astype(np.float64), rtol=ulp, atol=0)
 
-    g = rng.normal(size=expected.shape)
-    expected_dx = layer.backward(g.copy())
-    dx = np.empty(_chwn(x).shape)
-    c_kernels("avg_pool_backward", [_chwn(g)], geometry, [dx])
-    np.testing.assert_allclose(dx, _chwn(expected_dx), rtol=1e-15, atol=0)
+    g = _data(rng, expected.shape, dtype)
+    expected_dx = layer.backward(g.astype(_work(dtype))).astype(dtype)
+    dx = np.empty(_chwn(x).shape, dtype=dtype)
+    c_kernels(dtype, "avg_pool_backward", [_chwn(g)], geometry, [dx])
+    np.testing.assert_allclose(dx.astype(np.float64), _chwn(expected_dx).astype(np.float64), rtol=ulp, atol=0)
 
 
 @pytest.mark.gpu

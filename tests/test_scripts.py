@@ -77,3 +77,38 @@ def test_bench_scaling_prints_efficiency():
     out = run_script("bench_scaling.py", "--model", "lenet", "--ranks", "2", "--per-rank-batch", "8", "--steps", "2",
                      "--repeats", "1")
     assert "efficiency" in out and len(table_row(out, "2")) >= 9
+
+
+def load_script(name: str):
+    """A script of scripts/ as a module (its main() is not run)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), ROOT / "scripts" / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_allreduce_puts_each_rank_on_its_own_gpu(monkeypatch):
+    import torch
+    import torch.distributed as dist
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.append(("init", backend)))
+    comm = type("Comm", (), {"rank": 1, "size": 2, "device_id": 1, "bcast_object": lambda self, obj: "tcp://x:1"})()
+    load_script("bench_allreduce.py").init_torch(comm, "gpu")
+    assert calls == [("set_device", 1), ("init", "nccl")]
+
+
+def test_bench_compares_full_float32_unless_tf32_is_asked_for_in_both():
+    import torch
+
+    bench = load_script("bench.py")
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = True  # PyTorch's default
+        bench.set_tf32(False, torch)
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before

@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import numpy as np
 
 from dtrain.nn.module import Array
 
@@ -64,11 +63,19 @@ _FOR_EACH_COVERING_OUTPUT = """
 """
 
 
+# The accumulator type A of every kernel, defined from the arrays' type T in the kernel's
+# preamble (CuPy emits the typedef of T before the preamble): T itself for float32 and
+# float64, so results match the CPU path, and float32 for float16, which accumulates in
+# float32 like cuDNN. A type placeholder must be fixed by an array argument: CuPy cannot
+# infer one from a scalar, so A is not a kernel parameter.
+ACCUMULATOR_PREAMBLE = """
+template <typename X> struct dtrain_accumulator { typedef X type; };
+template <> struct dtrain_accumulator<float16> { typedef float type; };
+typedef dtrain_accumulator<T>::type A;
+"""
+
 # name -> (inputs before the geometry, outputs, body): CuPy ElementwiseKernel sources, kept
-# as plain strings so that tests can also compile the bodies as C on a machine without CUDA.
-# T is the arrays' dtype; arithmetic runs in A, the type of the scalar ``zero`` argument
-# (:func:`_zero`): T itself for float32/float64, so results match the CPU path, and float32
-# for float16, which accumulates in float32 like cuDNN.
+# as plain strings so that tests can also compile the bodies on a machine without CUDA.
 KERNELS: dict[str, tuple[str, str, str]] = {
     # cols row (c, ki, kj), column (oh, ow, b): the input under that offset, 0 in the padding.
     "im2col": ("raw T x", "T col", _unravel(("b", "N"), ("ow", "OW"), ("oh", "OH"), ("kj", "KW"), ("ki", "KH"),
@@ -77,8 +84,8 @@ KERNELS: dict[str, tuple[str, str, str]] = {
         const long long w = ow * SW + kj - PW;
         col = (h >= 0 && h < H && w >= 0 && w < W) ? x[((c * H + h) * W + w) * N + b] : (T)0;
     """),
-    "col2im": ("raw T col, A zero", "T img", _INPUT_INDEX + """
-        A acc = zero;
+    "col2im": ("raw T col", "T img", _INPUT_INDEX + """
+        A acc = (A)0;
     """ + _FOR_EACH_COVERING_OUTPUT.format(body="""
         acc += (A)col[((((c * KH + ki) * KW + kj) * OH + oh) * OW + ow) * N + b];
     """) + """
@@ -86,9 +93,9 @@ KERNELS: dict[str, tuple[str, str, str]] = {
     """),
     # The first maximum in offset order wins (strict >), like the CPU path and PyTorch;
     # padding never wins (it is -inf there).
-    "max_pool_forward": ("raw T x, A zero", "T y, U arg", _OUTPUT_INDEX + """
+    "max_pool_forward": ("raw T x", "T y, U arg", _OUTPUT_INDEX + """
         bool found = false;
-        A best = zero;
+        A best = (A)0;
         U at = 0;
         for (long long ki = 0; ki < KH; ++ki) {
             const long long h = oh * SH + ki - PH;
@@ -107,8 +114,8 @@ KERNELS: dict[str, tuple[str, str, str]] = {
         y = (T)best;
         arg = at;
     """),
-    "max_pool_backward": ("raw T gy, raw U arg, A zero", "T gx", _INPUT_INDEX + """
-        A acc = zero;
+    "max_pool_backward": ("raw T gy, raw U arg", "T gx", _INPUT_INDEX + """
+        A acc = (A)0;
     """ + _FOR_EACH_COVERING_OUTPUT.format(body="""
         const long long o = ((c * OH + oh) * OW + ow) * N + b;
         if (arg[o] == ki * KW + kj) acc += (A)gy[o];
@@ -116,8 +123,8 @@ KERNELS: dict[str, tuple[str, str, str]] = {
         gx = (T)acc;
     """),
     # Padded zeros count towards the mean (count_include_pad): always divide by KH*KW.
-    "avg_pool_forward": ("raw T x, A zero", "T y", _OUTPUT_INDEX + """
-        A acc = zero;
+    "avg_pool_forward": ("raw T x", "T y", _OUTPUT_INDEX + """
+        A acc = (A)0;
         for (long long ki = 0; ki < KH; ++ki) {
             const long long h = oh * SH + ki - PH;
             if (h < 0 || h >= H) continue;
@@ -129,9 +136,9 @@ KERNELS: dict[str, tuple[str, str, str]] = {
         }
         y = (T)(acc * (A)(1.0 / (double)(KH * KW)));
     """),
-    "avg_pool_backward": ("raw T gy, A zero", "T gx", _INPUT_INDEX + """
+    "avg_pool_backward": ("raw T gy", "T gx", _INPUT_INDEX + """
         const A share = (A)(1.0 / (double)(KH * KW));
-        A acc = zero;
+        A acc = (A)0;
     """ + _FOR_EACH_COVERING_OUTPUT.format(body="""
         acc += (A)gy[((c * OH + oh) * OW + ow) * N + b] * share;
     """) + """
@@ -140,17 +147,18 @@ KERNELS: dict[str, tuple[str, str, str]] = {
 }
 
 
+def build_kernels(cupy: Any) -> dict[str, Any]:
+    """Every kernel of :data:`KERNELS` as a ``cupy.ElementwiseKernel`` (compiled on first call)."""
+    return {name: cupy.ElementwiseKernel(f"{inputs}, {_GEOMETRY}", outputs, body, f"dtrain_{name}",
+                                         preamble=ACCUMULATOR_PREAMBLE)
+            for name, (inputs, outputs, body) in KERNELS.items()}
+
+
 @functools.cache
 def _kernels() -> dict[str, Any]:
     import cupy
 
-    return {name: cupy.ElementwiseKernel(f"{inputs}, {_GEOMETRY}", outputs, body, f"dtrain_{name}")
-            for name, (inputs, outputs, body) in KERNELS.items()}
-
-
-def _zero(dtype: Any) -> np.generic:
-    """The accumulator type's zero: float32 for float16 arrays, else the arrays' own type."""
-    return np.zeros((), dtype=np.float32 if np.dtype(dtype) == np.float16 else dtype)[()]
+    return build_kernels(cupy)
 
 
 def _flat(a: Array) -> Array:
@@ -177,7 +185,7 @@ def col2im(cols: Array, input_chwn: tuple[int, ...], kernel: Pair, stride: Pair,
     import cupy
 
     img = cupy.empty(input_chwn, dtype=cols.dtype)
-    _kernels()["col2im"](_flat(cols), _zero(cols.dtype), *_geometry(input_chwn, kernel, stride, padding, out_hw), img)
+    _kernels()["col2im"](_flat(cols), *_geometry(input_chwn, kernel, stride, padding, out_hw), img)
     return img
 
 
@@ -187,7 +195,7 @@ def max_pool_forward(x: Array, kernel: Pair, stride: Pair, padding: Pair, out_hw
 
     y = cupy.empty(argmax.shape, dtype=x.dtype)
     geometry = _geometry(x.shape, kernel, stride, padding, out_hw)
-    _kernels()["max_pool_forward"](_flat(x), _zero(x.dtype), *geometry, y, argmax)
+    _kernels()["max_pool_forward"](_flat(x), *geometry, y, argmax)
     return y
 
 
@@ -199,7 +207,7 @@ def max_pool_backward(grad: Array, argmax: Array, input_chwn: tuple[int, ...], k
     gx = cupy.empty(input_chwn, dtype=grad.dtype)
     out_hw = grad.shape[1:3]
     geometry = _geometry(input_chwn, kernel, stride, padding, out_hw)
-    _kernels()["max_pool_backward"](_flat(grad), _flat(argmax), _zero(grad.dtype), *geometry, gx)
+    _kernels()["max_pool_backward"](_flat(grad), _flat(argmax), *geometry, gx)
     return gx
 
 
@@ -208,7 +216,7 @@ def avg_pool_forward(x: Array, kernel: Pair, stride: Pair, padding: Pair, out_hw
     import cupy
 
     y = cupy.empty((x.shape[0], *out_hw, x.shape[3]), dtype=x.dtype)
-    _kernels()["avg_pool_forward"](_flat(x), _zero(x.dtype), *_geometry(x.shape, kernel, stride, padding, out_hw), y)
+    _kernels()["avg_pool_forward"](_flat(x), *_geometry(x.shape, kernel, stride, padding, out_hw), y)
     return y
 
 
@@ -218,5 +226,5 @@ def avg_pool_backward(grad: Array, input_chwn: tuple[int, ...], kernel: Pair, st
 
     gx = cupy.empty(input_chwn, dtype=grad.dtype)
     geometry = _geometry(input_chwn, kernel, stride, padding, grad.shape[1:3])
-    _kernels()["avg_pool_backward"](_flat(grad), _zero(grad.dtype), *geometry, gx)
+    _kernels()["avg_pool_backward"](_flat(grad), *geometry, gx)
     return gx

@@ -51,6 +51,10 @@ from dtrain.nn import gemm
 from dtrain.nn.blocks import split_evenly
 from dtrain.threads import blas_threads, usable_cores
 
+# cudaErrorPeerAccessAlreadyEnabled of the CUDA runtime API. CuPy 13 and 14 declare the
+# error codes at C level only, so there is no Python attribute to compare with.
+PEER_ACCESS_ALREADY_ENABLED = 704
+
 # OpenBLAS's thread count is process-global: one partitioned CPU product at a time.
 _BLAS_LOCK = threading.Lock()
 
@@ -299,7 +303,7 @@ class RowPartitioner:
                 try:
                     runtime.deviceEnablePeerAccess(dst)
                 except runtime.CUDARuntimeError as error:
-                    if error.status != runtime.errorPeerAccessAlreadyEnabled:
+                    if error.status != PEER_ACCESS_ALREADY_ENABLED:  # e.g. another partitioner enabled it
                         raise
             self._peers_enabled.add((src, dst))
 
