@@ -72,9 +72,8 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     set_blas_threads(threads)
     if cfg.precision.tf32:
         enable_tf32()
-    local_size = getattr(comm, "local_size", 1)
     devices = partition_devices(cfg.parallel.row_partition.devices, cfg.parallel.devices_per_rank, device,
-                                comm.local_rank, local_size)
+                                comm.local_rank, comm.local_size)
     with ExitStack() as scope:
         if len(devices) > 1:
             scope.enter_context(RowPartitioner(devices))

@@ -18,7 +18,6 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY="${PYTHON:-python3}"
 REPORT="${GPU_CHECK_REPORT:-${OUT:-.}/gpu_check.txt}"
-WORK="$(mktemp -d)"
 export PYTHONUNBUFFERED=1 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 if ls .whl/*.whl > /dev/null 2>&1; then  # carried wheels (scripts/gpu_wheels.sh)
     "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/dtrain-site .whl/*.whl
@@ -30,13 +29,15 @@ if [ "${GPU_CHECK_QUICK:-0}" = 1 ]; then
 else
     MODEL=alexnet BATCH=512 STEPS=20 ROUNDS=3 TRAIN_SIZE=10240
 fi
+WORK="$(mktemp -d)"
+export PY MODEL BATCH STEPS ROUNDS TRAIN_SIZE WORK
 : > "$REPORT"
 say() { echo "$*" | tee -a "$REPORT"; }
 # step NAME SECONDS COMMAND...: run it with a time limit; exit status 77 means skipped.
 step() {
     local name="$1" limit="$2"; shift 2
     local log="$WORK/$(echo "$name" | tr -c 'a-zA-Z0-9\n' '_').log" start=$SECONDS status
-    timeout "$limit" "$@" > "$log" 2>&1
+    timeout "$limit" bash -c '"$@"' step "$@" > "$log" 2>&1  # bash -c: a step may be a function below
     status=$?
     case $status in
         0) say "PASS  $name ($((SECONDS - start)) s)";;
@@ -61,6 +62,7 @@ print(f"{s['images_per_sec']:.1f} img/s, {s['achieved_gflops_per_sec']:.0f} GFLO
 EOF
 }
 
+export -f dtrain_run
 say "dtrain GPU check, $(date -u +%Y-%m-%dT%H:%MZ), git $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 step "environment" 120 "$PY" - <<'EOF'
 import platform, cupy
@@ -80,6 +82,7 @@ bench() {  # bench [--tf32]: dtrain against PyTorch on the same model, batch and
     if ! torch_cuda; then echo "PyTorch sees no CUDA device here"; return 77; fi
     "$PY" scripts/bench.py --device gpu --model "$MODEL" --batch "$BATCH" --rounds "$ROUNDS" --steps "$STEPS" "$@"
 }
+export -f torch_cuda bench
 step "$MODEL batch $BATCH vs PyTorch, TF32 off in both" 180 bench
 step "$MODEL batch $BATCH vs PyTorch, TF32 on in both" 180 bench --tf32
 step "precision.compute=float16 ($MODEL)" 120 dtrain_run fp16 precision.compute=float16

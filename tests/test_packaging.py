@@ -73,3 +73,12 @@ def test_the_installed_app_runs_from_another_directory(wheel, tmp_path):
                          cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     assert list(elsewhere.glob("outputs/*/*/summary.json"))
+
+
+def test_the_gpu_extra_brings_the_cuda_libraries_and_nccl():
+    # cupy-cuda12x alone has no NVRTC, no CUDA headers and no NCCL on a pip-only machine.
+    import tomllib
+
+    gpu = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
+    assert any(req.startswith("cupy-cuda12x[ctk]") for req in gpu), gpu
+    assert any(req.startswith("nvidia-nccl-cu12") for req in gpu), gpu

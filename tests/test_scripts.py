@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end on tiny settings and print their tables (no timings are judged)."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -112,3 +113,20 @@ def test_bench_compares_full_float32_unless_tf32_is_asked_for_in_both():
         assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_gpu_check_runs_every_step_on_the_cpu_stand_in(tmp_path):
+    # The plumbing of scripts/gpu_check.sh on tests/fake_cupy; PyTorch has no CUDA here, so
+    # the comparisons against it are skipped, and said so.
+    from fake_cupy.run import fake_pythonpath
+
+    report = tmp_path / "report.txt"
+    env = {**os.environ, "PYTHONPATH": fake_pythonpath(), "PYTHON": sys.executable, "GPU_CHECK_QUICK": "1",
+           "GPU_CHECK_REPORT": str(report)}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [line for line in report.read_text().splitlines() if line[:4] in ("PASS", "FAIL", "SKIP")]
+    assert len(lines) == 7 and not [line for line in lines if line.startswith("FAIL")], report.read_text()
+    assert [line.split()[0] for line in lines].count("SKIP") == 2 and "PyTorch sees no CUDA" in lines[2]

@@ -45,7 +45,8 @@ class DoneHandle(Handle):
 
 
 class Communicator(abc.ABC):
-    """Collectives among ``size`` ranks; this process is ``rank`` (``local_rank`` on its node).
+    """Collectives among ``size`` ranks; this process is ``rank``, and ``local_rank`` of the
+    ``local_size`` ranks on its node.
 
     ``timeout_s`` (None: wait forever) bounds :meth:`barrier` and the gradient all-reduce's
     wait; a collective that takes longer aborts the whole job with a message.
@@ -53,10 +54,12 @@ class Communicator(abc.ABC):
 
     name: str = "abstract"
 
-    def __init__(self, rank: int, size: int, local_rank: int, timeout_s: float | None = None) -> None:
+    def __init__(self, rank: int, size: int, local_rank: int, local_size: int,
+                 timeout_s: float | None = None) -> None:
         self.rank = rank
         self.size = size
         self.local_rank = local_rank
+        self.local_size = local_size
         self.timeout_s = timeout_s
         self.watchdog = CollectiveWatchdog(self, timeout_s)
 

@@ -73,8 +73,7 @@ class MpiCommunicator(Communicator):
     """Collectives over MPI on host (NumPy) arrays, one process per CPU worker.
 
     ``allreduce`` is the blocking ``MPI_Allreduce``; ``iallreduce`` the non-blocking one;
-    both reduce a buffer in pieces of at most ``piece_bytes`` (0: whole). ``local_size``
-    is the number of ranks on this node.
+    both reduce a buffer in pieces of at most ``piece_bytes`` (0: whole).
     """
 
     name = "mpi"
@@ -90,12 +89,12 @@ class MpiCommunicator(Communicator):
         self._MPI = MPI
         world = MPI.COMM_WORLD
         node = world.Split_type(MPI.COMM_TYPE_SHARED)
-        self.local_size: int = node.Get_size()
-        local_rank = node.Get_rank()
+        local_size, local_rank = node.Get_size(), node.Get_rank()
         node.Free()
         self._comm = world.Dup()
         self._types = _mpi_types(MPI)
-        super().__init__(rank=world.Get_rank(), size=world.Get_size(), local_rank=local_rank, timeout_s=timeout_s)
+        super().__init__(rank=world.Get_rank(), size=world.Get_size(), local_rank=local_rank, local_size=local_size,
+                         timeout_s=timeout_s)
 
     def _typed(self, buf: Array, what: str) -> list[Any]:
         """``[buf, MPI datatype]`` after checking that ``buf`` is a host array we can reduce."""

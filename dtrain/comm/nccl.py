@@ -76,6 +76,7 @@ class NcclCommunicator(Communicator):
         self._nccl = nccl
         self._host = MpiCommunicator(timeout_s=None)
         super().__init__(rank=self._host.rank, size=self._host.size, local_rank=self._host.local_rank,
+                         local_size=self._host.local_size,
                          timeout_s=timeout_s)
         visible = cupy.cuda.runtime.getDeviceCount()
         self.device_id = rank_gpus(self.local_rank, self._host.local_size, devices_per_rank, visible)[0]

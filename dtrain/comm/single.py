@@ -15,7 +15,7 @@ class SingleCommunicator(Communicator):
     name = "single"
 
     def __init__(self, timeout_s: float | None = None) -> None:
-        super().__init__(rank=0, size=1, local_rank=0, timeout_s=timeout_s)
+        super().__init__(rank=0, size=1, local_rank=0, local_size=1, timeout_s=timeout_s)
 
     def iallreduce(self, buf: Array, op: str = "sum") -> Handle:
         self.check_buffer(buf, "allreduce")
