@@ -11,6 +11,7 @@ error on any rank ends every rank (:func:`dtrain.comm.watchdog.install_abort_on_
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -93,12 +94,13 @@ def _run_mode(ctx: RunContext) -> dict[str, Any]:
     t = ctx.cfg.trainer
     if t.mode == "train":
         return train(ctx)
-    path = resolve_checkpoint(t.checkpoint or "auto", ctx.run_dir)
-    if path is None:
-        raise FileNotFoundError("no checkpoint to evaluate: pass trainer.checkpoint=<path to ckpt-*.npz> or train first")
-    load_checkpoint(path).restore(ctx.model)
+    choice = resolve_checkpoint(t.checkpoint or "auto", ctx.run_dir, ctx.cfg)
+    if choice.path is None:
+        raise FileNotFoundError(f"no checkpoint to {t.mode} with: {choice.reason}; pass "
+                                "trainer.checkpoint=<path to ckpt-*.npz> or train this model on this data first")
+    load_checkpoint(choice.path).restore(ctx.model)
     if ctx.is_main:
-        log.info("loaded %s", path)
+        log.info("loaded %s (%s)", choice.path, choice.reason)
     ds = ctx.split(t.split)
     if t.mode == "predict":
         return predict(ctx, ds, ctx.run_dir / t.predictions)
@@ -113,6 +115,7 @@ def _fail(err: Exception, run_dir: Path) -> None:
     """One line on the terminal, the traceback in the run's log file, ``summary.json``
     marking the run failed; exit status 1."""
     message = f"{type(err).__name__}: {err}" if not str(err) else str(err)
+    logging.raiseExceptions = False  # on a full disk the log file cannot take it either: stay quiet
     logs = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
     record = logging.LogRecord("dtrain", logging.ERROR, __file__, 0, "run failed:\n%s", (traceback.format_exc(),),
                                None)
@@ -121,6 +124,6 @@ def _fail(err: Exception, run_dir: Path) -> None:
     where = f" (traceback in {logs[0].baseFilename})" if logs else ""
     if rank_from_env() == 0:
         print(f"dtrain: error: {message.splitlines()[0]}{where}", file=sys.stderr, flush=True)
-        if run_dir.is_dir():
+        with contextlib.suppress(OSError):
             (run_dir / "summary.json").write_text(json.dumps({"status": "failed", "error": message}, indent=2) + "\n")
     sys.exit(1)

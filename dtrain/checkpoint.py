@@ -15,8 +15,8 @@ File layout (plain ``numpy.load(path)`` reads it, no pickle involved):
   ``meta/dtrain_version`` and ``meta/format`` (``"dtrain-checkpoint-v1"``).
 
 :class:`CheckpointManager` names files ``ckpt-{step:08d}.npz`` in one directory and keeps
-the newest ``keep_last``; :func:`find_latest_run_checkpoint` finds the checkpoint that
-``trainer.resume=auto`` continues from.
+the newest ``keep_last``; :func:`run_checkpoints` lists the runs' checkpoints that
+``trainer.resume=auto`` chooses from (:mod:`dtrain.rundir`).
 """
 from __future__ import annotations
 
@@ -281,15 +281,21 @@ class CheckpointManager:
     """Checkpoints ``ckpt-{step:08d}.npz`` in ``directory``, keeping the newest ``keep_last``.
 
     The manager assumes it is the only writer of ``directory`` (rank 0 of one run): on
-    construction it deletes temporary files an earlier crashed save left behind.
+    construction (unless ``clean=False``) it deletes temporary files an earlier crashed
+    save left behind.
     """
 
-    def __init__(self, directory: PathLike, keep_last: int) -> None:
+    def __init__(self, directory: PathLike, keep_last: int, clean: bool = True) -> None:
         check_int(keep_last, "CheckpointManager: keep_last", 1)
         self.directory = Path(directory)
         self.keep_last = keep_last
-        if self.directory.is_dir():
-            remove_stale_temp_files(self.directory, "ckpt-")
+        if clean and self.directory.is_dir():
+            self.remove_stale_temp_files()
+
+    def remove_stale_temp_files(self) -> list[Path]:
+        """Delete the temporary files of saves that a crash interrupted (a SIGKILL during
+        :func:`save_checkpoint` leaves a hidden full-size one); returns them."""
+        return remove_stale_temp_files(self.directory, "ckpt-")
 
     def path_for(self, step: int) -> Path:
         return self.directory / f"ckpt-{step:08d}.npz"
@@ -335,12 +341,12 @@ class CheckpointManager:
             old.unlink(missing_ok=True)
 
 
-def find_latest_run_checkpoint(
+def run_checkpoints(
     roots: PathLike | Iterable[PathLike] = ("outputs", "multirun"),
     *,
     exclude: PathLike | None = None,
-) -> Path | None:
-    """The most recently written checkpoint of any Hydra run (``trainer.resume=auto``).
+) -> list[Path]:
+    """Every checkpoint of the Hydra runs under ``roots``, the most recently written first.
 
     ``roots`` is one directory or several; under each, exactly these files are considered
     (the layouts of ``hydra.run.dir`` and ``hydra.sweep.dir``/``subdir`` in
@@ -351,17 +357,17 @@ def find_latest_run_checkpoint(
 
     Checkpoints inside ``exclude`` (e.g. the current run's directory) are skipped.
     "Most recent" is the largest modification time (``st_mtime_ns``); ties go to the
-    larger step, then to the larger path. Modification time, not step, decides between
-    runs because step counts of different runs are unrelated (a fresh run at step 100 is
-    newer than an old run that ended at step 10000); within one run both orders agree.
-    Missing roots are skipped; returns None when no checkpoint exists.
+    larger step, then to the larger path. Modification time, not step, orders runs because
+    step counts of different runs are unrelated (a fresh run at step 100 is newer than an
+    old run that ended at step 10000); within one run both orders agree. Missing roots are
+    skipped.
     """
     if isinstance(roots, (str, os.PathLike)):
         roots = [roots]
-    candidates: list[Path] = []
+    candidates: set[Path] = set()
     for root in map(Path, roots):
         for layout in ("*/*", "*/*/*"):
-            candidates += root.glob(f"{layout}/checkpoints/{CHECKPOINT_GLOB}")
+            candidates.update(root.glob(f"{layout}/checkpoints/{CHECKPOINT_GLOB}"))
     excluded = Path(exclude).resolve() if exclude is not None else None
     ranked = []
     for step, path in _checkpoints_in(candidates):
@@ -371,4 +377,25 @@ def find_latest_run_checkpoint(
             ranked.append((path.stat().st_mtime_ns, step, str(path), path))
         except FileNotFoundError:  # pruned meanwhile by a run that is still going
             continue
-    return max(ranked)[3] if ranked else None
+    return [path for *_, path in sorted(ranked, reverse=True)]
+
+
+def find_latest_run_checkpoint(
+    roots: PathLike | Iterable[PathLike] = ("outputs", "multirun"),
+    *,
+    exclude: PathLike | None = None,
+) -> Path | None:
+    """The most recently written checkpoint of any run under ``roots`` (see :func:`run_checkpoints`)."""
+    found = run_checkpoints(roots, exclude=exclude)
+    return found[0] if found else None
+
+
+def read_config(path: PathLike) -> dict[str, Any] | str:
+    """The config stored in a checkpoint, without reading its arrays; :class:`CheckpointError`
+    when the file cannot be read."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            text, kind = str(npz["meta/config"]), str(npz["meta/config_type"])
+        return yaml.safe_load(text) if kind == "dict" else text
+    except Exception as err:  # a damaged or foreign file
+        raise CheckpointError(f"{path}: cannot read its config ({type(err).__name__}: {err})") from err

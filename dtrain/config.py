@@ -54,6 +54,16 @@ def load_model_spec(name: str) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
+def run_identity(cfg: RunConfig | dict[str, Any]) -> dict[str, Any]:
+    """What defines a run's model and data: the model spec, the dtype, and the data set
+    with its subset and shape options. ``trainer.resume=auto`` continues only a run whose
+    stored config has the same identity; the optimizer, schedule and logging may differ."""
+    raw = cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else cfg
+    data = raw.get("data") or {}
+    return {"model": raw.get("model"), "dtype": raw.get("dtype", "float32"),
+            "data": {key: data.get(key) for key in ("name", "train_size", "test_size", "image_shape", "num_classes")}}
+
+
 class ConfigError(ValueError):
     """A composed config breaks the schema; the message is one line naming the key."""
 

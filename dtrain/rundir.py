@@ -16,13 +16,14 @@ from __future__ import annotations
 import datetime
 import functools
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from dtrain.checkpoint import find_latest_run_checkpoint
+from dtrain.checkpoint import CheckpointError, CheckpointManager, read_config, run_checkpoints
 from dtrain.comm.env import launched_by_mpi, world_size_from_env
-from dtrain.config import config_dir
+from dtrain.config import RunConfig, config_dir, run_identity
 
 QUIET_OVERRIDES = ("hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none")
 
@@ -99,12 +100,54 @@ def agree_run_dir(argv: list[str]) -> list[str]:
     return [arg for arg in argv if _override_key(arg) not in replaced] + extra
 
 
-def resolve_checkpoint(value: str, run_dir: Path) -> Path | None:
-    """``trainer.resume`` / ``trainer.checkpoint``: a ``ckpt-*.npz`` path, or ``auto`` for the
-    newest checkpoint of an earlier run (None when there is none)."""
-    if value == "auto":
-        return find_latest_run_checkpoint(run_roots(run_dir), exclude=run_dir)
-    path = Path(value)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; pass a ckpt-*.npz path or 'auto'")
-    return path
+@dataclass(frozen=True)
+class CheckpointChoice:
+    """What ``trainer.resume`` / ``trainer.checkpoint`` resolved to: ``path`` (None: nothing to
+    load) and ``reason``, one phrase for the log."""
+
+    path: Path | None
+    reason: str
+
+
+def resolve_checkpoint(value: str, run_dir: Path, cfg: RunConfig) -> CheckpointChoice:
+    """A ``ckpt-*.npz`` path as given, or for ``auto``:
+
+    1. this run directory's newest checkpoint (a run restarted in its own directory, e.g.
+       by the elastic launcher, or a sweep re-run in the same sweep directory);
+    2. else the newest checkpoint of an earlier run whose stored config has this run's
+       model and data (:func:`dtrain.config.run_identity`), never one of a sibling job of
+       the same sweep;
+    3. else nothing.
+    """
+    if value != "auto":
+        path = Path(value)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {path} does not exist; pass a ckpt-*.npz path or 'auto'")
+        return CheckpointChoice(path, "given")
+    own = run_checkpoints_in(run_dir)
+    if own:
+        return CheckpointChoice(own[-1], "this run directory's newest checkpoint")
+    sweep = run_dir.resolve().parent if (run_dir / ".." / "multirun.yaml").exists() else None
+    wanted, skipped = run_identity(cfg), 0
+    for path in run_checkpoints(run_roots(run_dir), exclude=run_dir):
+        if sweep is not None and path.resolve().is_relative_to(sweep):
+            continue  # a sibling job of this sweep
+        try:
+            stored = read_config(path)
+        except CheckpointError:
+            skipped += 1
+            continue
+        if isinstance(stored, str):
+            stored = yaml.safe_load(stored)
+        if isinstance(stored, dict) and run_identity(stored) == wanted:
+            run = path.parent.parent
+            return CheckpointChoice(path, f"the newest checkpoint of an earlier run with this model and data ({run})")
+        skipped += 1
+    return CheckpointChoice(None, f"no earlier run has this model and data ({skipped} checkpoints of other runs "
+                                  f"skipped: different model, dtype or data)" if skipped else "no earlier checkpoint")
+
+
+def run_checkpoints_in(run_dir: Path) -> list[Path]:
+    """The checkpoints of one run directory, oldest step first."""
+    directory = run_dir / "checkpoints"
+    return CheckpointManager(directory, keep_last=1, clean=False).checkpoints() if directory.is_dir() else []

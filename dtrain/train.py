@@ -47,6 +47,10 @@ class NonFiniteLossError(RuntimeError):
     """The loss or the averaged gradient became NaN/Inf."""
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (a full disk, a lost mount, ...)."""
+
+
 def train(ctx: RunContext) -> dict[str, Any]:
     """Train ``ctx.model`` on ``ctx.train_set`` as ``ctx.cfg`` says; returns the summary
     (also written to ``summary.json`` by rank 0)."""
@@ -97,7 +101,7 @@ def train(ctx: RunContext) -> dict[str, Any]:
             if cfg.parallel.check_interval and comm.size > 1 and ctx.step % cfg.parallel.check_interval == 0:
                 check_consistency(comm, flat, ctx.step)
             if t.checkpoint_every and ctx.step % t.checkpoint_every == 0:
-                last_good = _save(ctx, checkpoints, optimizer, precision)
+                last_good = _save(ctx, checkpoints, optimizer, precision, last_good)
             if ctx.step >= total_steps:
                 break
         metrics = evaluate(ctx, ctx.test_set) if ctx.test_set is not None and ctx.test_set.labels is not None else {}
@@ -108,7 +112,7 @@ def train(ctx: RunContext) -> dict[str, Any]:
     # -- the end -------------------------------------------------------------------------
     gradients.close()
     report.timeline(timer, final=True)
-    last_good = _save(ctx, checkpoints, optimizer, precision)
+    last_good = _save(ctx, checkpoints, optimizer, precision, last_good)
     summary = _summary(ctx, images, seconds, last_good, timer, precision, report.history)
     report.finish(summary)
     return summary
@@ -179,22 +183,39 @@ def _gradient_averaging(ctx: RunContext, flat: FlatParameters, precision: Precis
 
 
 def _resume(ctx: RunContext, optimizer: Optimizer, precision: PrecisionPolicy) -> str | None:
-    """Continue from ``trainer.resume`` (a checkpoint path or ``auto``); returns the
-    checkpoint resumed from, the last good one until the next save."""
+    """Continue from ``trainer.resume`` (a checkpoint path or ``auto``, see
+    :func:`dtrain.rundir.resolve_checkpoint`); returns the checkpoint resumed from, the last
+    good one until the next save. A checkpoint whose data order differs from this run's
+    (another seed, batch size or training set) is refused: the resumed run would not
+    continue where the checkpoint stopped."""
     if not ctx.cfg.trainer.resume:
         return None
-    path = resolve_checkpoint(ctx.cfg.trainer.resume, ctx.run_dir)
-    if path is None:
+    choice = resolve_checkpoint(ctx.cfg.trainer.resume, ctx.run_dir, ctx.cfg)
+    if choice.path is None:
         if ctx.is_main:
-            log.info("trainer.resume=auto: no earlier checkpoint found; starting fresh")
+            log.info("trainer.resume=auto: %s; starting fresh", choice.reason)
         return None
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(choice.path)
+    for key, here in _data_order(ctx).items():
+        there = ckpt.rng_state.get(key, here)
+        if there != here:
+            raise ValueError(f"{choice.path} was trained with {key}={there}; resuming with {key}={here} would not "
+                             f"continue its data order and dropout masks: resume with {key}={there}, or start fresh")
     ckpt.restore(ctx.model, optimizer)
     precision.load_state_dict(ckpt.extra)  # the loss scaler's state
     ctx.step, ctx.epoch = ckpt.step, ckpt.epoch
     if ctx.is_main:
-        log.info("resumed from %s at epoch %d, step %d", path, ctx.epoch, ctx.step)
-    return str(path)
+        stale = CheckpointManager(choice.path.parent, keep_last=1, clean=False).remove_stale_temp_files()
+        log.info("resumed from %s (%s) at epoch %d, step %d%s", choice.path, choice.reason, ctx.epoch, ctx.step,
+                 f"; removed {len(stale)} temporary file(s) of interrupted saves there" if stale else "")
+    return str(choice.path)
+
+
+def _data_order(ctx: RunContext) -> dict[str, int]:
+    """What fixes the sequence of batches and dropout masks, besides the step: stored in
+    every checkpoint and checked on resume."""
+    return {"seed": ctx.cfg.seed, "trainer.batch_size": ctx.cfg.trainer.batch_size,
+            "training samples": len(ctx.split("train"))}
 
 
 # -- in the loop ----------------------------------------------------------------------------
@@ -222,14 +243,21 @@ def _gradient_is_usable(ctx: RunContext, flat: FlatParameters, precision: Precis
     )
 
 
-def _save(ctx: RunContext, checkpoints: CheckpointManager, optimizer: Optimizer,
-          precision: PrecisionPolicy) -> str | None:
-    """Rank 0 writes a checkpoint of the current step; returns its path (None elsewhere)."""
+def _save(ctx: RunContext, checkpoints: CheckpointManager, optimizer: Optimizer, precision: PrecisionPolicy,
+          last_good: str | None) -> str | None:
+    """Rank 0 writes a checkpoint of the current step; returns its path (None elsewhere).
+    A failed write leaves the earlier checkpoints as they were and ends the run with one
+    line naming the file, the reason and the last good checkpoint."""
     if not ctx.is_main:
         return None
-    path = checkpoints.save(ctx.step, ctx.model, optimizer, epoch=ctx.epoch,
-                            rng_state={"seed": ctx.cfg.seed, "epoch": ctx.epoch, "step": ctx.step},
-                            config=ctx.cfg.model_dump(mode="json"), extra=precision.state_dict())
+    try:
+        path = checkpoints.save(ctx.step, ctx.model, optimizer, epoch=ctx.epoch,
+                                rng_state={**_data_order(ctx), "epoch": ctx.epoch, "step": ctx.step},
+                                config=ctx.cfg.model_dump(mode="json"), extra=precision.state_dict())
+    except OSError as err:
+        reason = (err.strerror or str(err)).lower()
+        raise CheckpointWriteError(f"cannot write checkpoint {checkpoints.path_for(ctx.step)}: {reason}; last good "
+                                   f"checkpoint: {last_good or 'none yet'}") from err
     return str(path)
 
 

@@ -185,3 +185,103 @@ def test_a_users_config_dir_adds_a_model(tmp_path):
            "model=mine", "trainer.max_steps=2")
     (run,) = run_dirs(tmp_path)
     assert json.loads((run / "summary.json").read_text())["model"] == "mine"
+
+
+# -- trainer.resume=auto and trainer.checkpoint=auto --------------------------------------
+SYNTH = ["data=synthetic", "data.train_size=256", "data.test_size=64", "trainer.batch_size=32",
+         "trainer.progress=false", "logging.tensorboard=false", "device=cpu", "threads=1"]
+
+
+def test_auto_resume_in_a_sweep_never_takes_a_sibling_job(tmp_path):
+    proc = dtrain(tmp_path, "--multirun", "model=lenet", "optim.lr=0.01,0.05", "trainer.resume=auto", *SYNTH,
+                  "trainer.max_steps=5")
+    summaries = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("multirun/*/*/*/summary.json"))]
+    assert [s["steps"] for s in summaries] == [5, 5]
+    assert all(s["test_accuracy"] is not None for s in summaries)
+    assert proc.stderr.count("starting fresh") + proc.stdout.count("starting fresh") == 2
+
+
+def test_auto_resume_takes_the_newest_run_with_the_same_model_and_data(tmp_path):
+    dtrain(tmp_path, "model=lenet", *SYNTH, "trainer.max_steps=2", "hydra.run.dir=outputs/d/lenet")
+    dtrain(tmp_path, "model=simple_cnn", *SYNTH, "trainer.max_steps=2", "hydra.run.dir=outputs/d/simple_cnn")
+    dtrain(tmp_path, "model=lenet", *SYNTH, "data.train_size=128", "trainer.max_steps=2",
+           "hydra.run.dir=outputs/d/lenet_other_data")
+    proc = dtrain(tmp_path, "model=lenet", *SYNTH, "trainer.max_steps=4", "trainer.resume=auto",
+                  "hydra.run.dir=outputs/d/resumed")
+    out = proc.stdout + proc.stderr
+    assert "resumed from outputs/d/lenet/checkpoints/ckpt-00000002.npz" in out, out
+    assert "an earlier run with this model and data" in out
+    assert json.loads((tmp_path / "outputs/d/resumed/summary.json").read_text())["steps"] == 4
+    # eval and predict choose the same way
+    proc = dtrain(tmp_path, "model=simple_cnn", *SYNTH, "trainer.mode=eval", "trainer.checkpoint=auto",
+                  "hydra.run.dir=outputs/d/eval")
+    assert "loaded outputs/d/simple_cnn/checkpoints/ckpt-00000002.npz" in proc.stdout + proc.stderr
+    proc = dtrain(tmp_path, "model=simple_cnn", *SYNTH, "data.num_classes=5", "trainer.mode=eval",
+                  "trainer.checkpoint=auto", "hydra.run.dir=outputs/d/eval5", check=False)
+    assert proc.returncode == 1 and "no checkpoint to eval with: no earlier run has this model and data" in proc.stderr
+
+
+def test_auto_resume_continues_its_own_run_directory(tmp_path):
+    common = ["model=lenet", *SYNTH, "hydra.run.dir=outputs/d/run", "trainer.checkpoint_every=2"]
+    dtrain(tmp_path, *common, "trainer.max_steps=4")
+    dtrain(tmp_path, "model=lenet", *SYNTH, "trainer.max_steps=2", "hydra.run.dir=outputs/d/newer")
+    proc = dtrain(tmp_path, *common, "trainer.max_steps=6", "trainer.resume=auto")
+    out = proc.stdout + proc.stderr
+    assert "outputs/d/run/checkpoints/ckpt-00000004.npz (this run directory's newest checkpoint)" in out, out
+
+
+def test_a_resumed_run_removes_the_interrupted_saves_of_the_run_it_resumes(tmp_path):
+    dtrain(tmp_path, "model=lenet", *SYNTH, "trainer.max_steps=2", "hydra.run.dir=outputs/d/killed")
+    stale = tmp_path / "outputs/d/killed/checkpoints/.ckpt-00000004.npz.x1y2.tmp"  # a save cut short by SIGKILL
+    stale.write_bytes(b"\0" * 1000)
+    proc = dtrain(tmp_path, "model=lenet", *SYNTH, "trainer.max_steps=4",
+                  "trainer.resume=outputs/d/killed/checkpoints/ckpt-00000002.npz", "hydra.run.dir=outputs/d/next")
+    assert not stale.exists()
+    assert "removed 1 temporary file(s) of interrupted saves there" in proc.stdout + proc.stderr
+
+
+def test_resuming_with_another_seed_or_batch_is_refused(tmp_path):
+    dtrain(tmp_path, "model=lenet", *SYNTH, "trainer.max_steps=2", "hydra.run.dir=outputs/d/a")
+    ckpt = "outputs/d/a/checkpoints/ckpt-00000002.npz"
+    for override, key in (("seed=1", "seed"), ("trainer.batch_size=64", "trainer.batch_size")):
+        proc = dtrain(tmp_path, "model=lenet", *SYNTH, override, "trainer.max_steps=4", f"trainer.resume={ckpt}",
+                      check=False)
+        assert proc.returncode == 1
+        assert f"was trained with {key}=" in proc.stderr and "would not continue its data order" in proc.stderr
+
+
+def test_a_non_finite_step_after_a_resume_names_the_resumed_checkpoint(tmp_path):
+    dtrain(tmp_path, "model=lenet", *SYNTH, "trainer.max_steps=2", "hydra.run.dir=outputs/d/a")
+    ckpt = "outputs/d/a/checkpoints/ckpt-00000002.npz"
+    proc = dtrain(tmp_path, "model=lenet", *SYNTH, "optim.lr=1e12", "optim.schedule.kind=constant",
+                  "trainer.max_steps=20", f"trainer.resume={ckpt}", check=False)
+    assert proc.returncode == 1
+    assert f"the last good checkpoint is {ckpt}" in proc.stderr, proc.stderr
+
+
+def test_a_full_disk_ends_the_run_in_one_line_and_keeps_the_earlier_checkpoints(tmp_path):
+    # The disk fills up at the second checkpoint write (numpy.savez raises ENOSPC there).
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(
+        "import errno, numpy\n"
+        "_savez, _calls = numpy.savez, []\n"
+        "def savez(file, *args, **kwargs):\n"
+        "    _calls.append(1)\n"
+        "    if len(_calls) >= 2:\n"
+        "        file.write(b'partial')\n"
+        "        raise OSError(errno.ENOSPC, 'No space left on device')\n"
+        "    return _savez(file, *args, **kwargs)\n"
+        "numpy.savez = savez\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hooks), str(REPO)]), "HYDRA_FULL_ERROR": "0"}
+    proc = subprocess.run([sys.executable, "-m", "dtrain", "model=lenet", *SYNTH, "trainer.max_steps=6",
+                           "trainer.checkpoint_every=2", "hydra.run.dir=outputs/d/full"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    run = tmp_path / "outputs/d/full"
+    assert proc.returncode == 1
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"dtrain: error: cannot write checkpoint {run}/checkpoints/ckpt-00000004.npz: no space "
+                               f"left on device; last good checkpoint: {run}/checkpoints/ckpt-00000002.npz"), lines[0]
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["ckpt-00000002.npz"]  # no temp file left either
+    np.load(run / "checkpoints" / "ckpt-00000002.npz")["model/0.weight"]
