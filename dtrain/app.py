@@ -69,6 +69,8 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
                              devices_per_rank=cfg.parallel.devices_per_rank,
                              mpi_piece_bytes=int(cfg.parallel.mpi_piece_mb * 2**20))
     install_abort_on_exception(comm)
+    if comm.size > 1:  # each rank's latest collective, for the report of one that does not finish
+        comm.watchdog.post_arrivals_to(run_dir / ".collectives")
     threads = thread_budget(cfg.threads, comm.size)
     set_blas_threads(threads)
     if cfg.precision.tf32:

@@ -87,6 +87,7 @@ def train(ctx: RunContext) -> dict[str, Any]:
             with timer.phase("h2d"):
                 batch = loader.to_device(host_batch)
             optimizer.lr = lr = schedule.lr_at(ctx.step)
+            comm.watchdog.step = ctx.step  # a stuck collective's report names the step
             loss_sum, correct, count = gradients.compute(batch, ctx.step, timer)
             update = _gradient_is_usable(ctx, flat, precision, loss_sum / max(count, 1), last_good)
             if update:

@@ -6,7 +6,10 @@ contiguous slice of one (``flat.grads[a:b]``), so reducing a gradient bucket nee
 packing copy. Object collectives (pickled Python values) always go over the host.
 
 Every collective is called by every rank in the same order; a rank that skips one makes
-the others wait, which :mod:`dtrain.comm.watchdog` turns into an abort after ``timeout_s``.
+the others wait, which :mod:`dtrain.comm.watchdog` turns into an abort after ``timeout_s``
+that names the collective, the step and the ranks that have not arrived. The public
+collectives of the base class run the backend's under that watchdog, so no caller can
+forget it.
 """
 from __future__ import annotations
 
@@ -44,12 +47,26 @@ class DoneHandle(Handle):
         return None
 
 
+class _WatchedHandle(Handle):
+    """A started collective whose wait runs under the watchdog."""
+
+    def __init__(self, handle: Handle, watchdog: CollectiveWatchdog) -> None:
+        self._handle, self._watchdog = handle, watchdog
+
+    def test(self) -> bool:
+        return self._handle.test()
+
+    def wait(self) -> None:
+        with self._watchdog.watch("all-reduce (non-blocking)"):
+            self._handle.wait()
+
+
 class Communicator(abc.ABC):
     """Collectives among ``size`` ranks; this process is ``rank``, and ``local_rank`` of the
     ``local_size`` ranks on its node.
 
-    ``timeout_s`` (None: wait forever) bounds :meth:`barrier` and the gradient all-reduce's
-    wait; a collective that takes longer aborts the whole job with a message.
+    ``timeout_s`` (None: wait forever) bounds every collective; one that takes longer
+    aborts the whole job with a message (:class:`~dtrain.comm.watchdog.CollectiveWatchdog`).
     """
 
     name: str = "abstract"
@@ -63,46 +80,70 @@ class Communicator(abc.ABC):
         self.timeout_s = timeout_s
         self.watchdog = CollectiveWatchdog(self, timeout_s)
 
-    # -- array collectives -------------------------------------------------------------
+    # -- collectives: every one runs under the watchdog -------------------------------
     def allreduce(self, buf: Array, op: str = "sum") -> None:
         """Replace ``buf`` (1-D contiguous) by its elementwise sum (or mean) over ranks."""
-        self.iallreduce(buf, op).wait()
+        with self.watchdog.watch("all-reduce"):
+            self._allreduce(buf, op)
 
-    @abc.abstractmethod
     def iallreduce(self, buf: Array, op: str = "sum") -> Handle:
         """Start :meth:`allreduce` of ``buf`` and return at once; the result is there after ``wait()``."""
+        return _WatchedHandle(self._iallreduce(buf, op), self.watchdog)
 
-    @abc.abstractmethod
     def broadcast(self, buf: Array, root: int = 0) -> None:
         """Overwrite ``buf`` (1-D contiguous) on every rank with the contents on rank ``root``."""
+        with self.watchdog.watch("broadcast"):
+            self._broadcast(buf, root)
 
-    # -- point to point ---------------------------------------------------------------
-    @abc.abstractmethod
     def send(self, buf: Array, dest: int) -> None:
         """Send ``buf`` (1-D contiguous) to rank ``dest``; returns once ``buf`` may be reused."""
+        with self.watchdog.watch(f"send to rank {dest}"):
+            self._send(buf, dest)
 
-    @abc.abstractmethod
     def recv(self, buf: Array, source: int) -> None:
         """Fill ``buf`` (1-D contiguous) with what rank ``source`` sends."""
+        with self.watchdog.watch(f"receive from rank {source}"):
+            self._recv(buf, source)
 
-    # -- object collectives ------------------------------------------------------------
-    @abc.abstractmethod
     def bcast_object(self, obj: Any, root: int = 0) -> Any:
         """``obj`` from rank ``root``, returned on every rank (picklable values only)."""
+        with self.watchdog.watch("object broadcast"):
+            return self._bcast_object(obj, root)
 
-    @abc.abstractmethod
     def allgather_object(self, obj: Any) -> list[Any]:
         """Every rank's ``obj``, as a list indexed by rank."""
+        with self.watchdog.watch("object all-gather"):
+            return self._allgather_object(obj)
 
-    # -- control -----------------------------------------------------------------------
     def barrier(self) -> None:
-        """Return once every rank has called ``barrier`` (aborts the job after ``timeout_s``)."""
+        """Return once every rank has called ``barrier``."""
         with self.watchdog.watch("barrier"):
             self._barrier()
 
+    # -- what a backend implements -------------------------------------------------------
+    def _allreduce(self, buf: Array, op: str) -> None:
+        self._iallreduce(buf, op).wait()
+
     @abc.abstractmethod
-    def _barrier(self) -> None:
-        """The backend's barrier, without a deadline."""
+    def _iallreduce(self, buf: Array, op: str) -> Handle: ...
+
+    @abc.abstractmethod
+    def _broadcast(self, buf: Array, root: int) -> None: ...
+
+    @abc.abstractmethod
+    def _send(self, buf: Array, dest: int) -> None: ...
+
+    @abc.abstractmethod
+    def _recv(self, buf: Array, source: int) -> None: ...
+
+    @abc.abstractmethod
+    def _bcast_object(self, obj: Any, root: int) -> Any: ...
+
+    @abc.abstractmethod
+    def _allgather_object(self, obj: Any) -> list[Any]: ...
+
+    @abc.abstractmethod
+    def _barrier(self) -> None: ...
 
     @abc.abstractmethod
     def abort(self, code: int = 1) -> NoReturn:

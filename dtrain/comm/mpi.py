@@ -116,13 +116,13 @@ class MpiCommunicator(Communicator):
         step = max(1, self.piece_bytes // buf.itemsize) if self.piece_bytes else max(1, buf.size)
         return [[buf[start:start + step], mpi_type] for start in range(0, buf.size, step)]
 
-    def iallreduce(self, buf: Array, op: str = "sum") -> Handle:
+    def _iallreduce(self, buf: Array, op: str) -> Handle:
         self._typed(buf, "allreduce")
         self.check_op(op, buf)
         requests = [self._comm.Iallreduce(self._MPI.IN_PLACE, piece, op=self._MPI.SUM) for piece in self._pieces(buf)]
         return MpiHandle(self._MPI, requests, buf, self.size if op == "mean" else None)
 
-    def allreduce(self, buf: Array, op: str = "sum") -> None:
+    def _allreduce(self, buf: Array, op: str) -> None:
         self._typed(buf, "allreduce")
         self.check_op(op, buf)
         for piece in self._pieces(buf):
@@ -130,26 +130,26 @@ class MpiCommunicator(Communicator):
         if op == "mean":
             buf /= self.size
 
-    def broadcast(self, buf: Array, root: int = 0) -> None:
+    def _broadcast(self, buf: Array, root: int) -> None:
         spec = self._typed(buf, "broadcast")
         self.check_root(root)
         self._comm.Bcast(spec, root=root)
 
-    def send(self, buf: Array, dest: int) -> None:
+    def _send(self, buf: Array, dest: int) -> None:
         spec = self._typed(buf, "send")
         self.check_root(dest)
         self._comm.Send(spec, dest=dest)
 
-    def recv(self, buf: Array, source: int) -> None:
+    def _recv(self, buf: Array, source: int) -> None:
         spec = self._typed(buf, "recv")
         self.check_root(source)
         self._comm.Recv(spec, source=source)
 
-    def bcast_object(self, obj: Any, root: int = 0) -> Any:
+    def _bcast_object(self, obj: Any, root: int) -> Any:
         self.check_root(root)
         return self._comm.bcast(obj, root=root)
 
-    def allgather_object(self, obj: Any) -> list[Any]:
+    def _allgather_object(self, obj: Any) -> list[Any]:
         return self._comm.allgather(obj)
 
     def _barrier(self) -> None:

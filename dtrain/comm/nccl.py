@@ -114,7 +114,7 @@ class NcclCommunicator(Communicator):
         done.record(self._stream)
         return NcclHandle(done, buf)
 
-    def iallreduce(self, buf: Array, op: str = "sum") -> Handle:
+    def _iallreduce(self, buf: Array, op: str) -> Handle:
         nccl_type = self._device_buffer(buf, "allreduce")
         self.check_op(op, buf)
         self._after_current_stream()
@@ -125,13 +125,13 @@ class NcclCommunicator(Communicator):
                 buf /= self.size
         return self._completion(buf)
 
-    def broadcast(self, buf: Array, root: int = 0) -> None:
+    def _broadcast(self, buf: Array, root: int) -> None:
         self._blocking("broadcast", buf, root, self._comm.bcast)
 
-    def send(self, buf: Array, dest: int) -> None:
+    def _send(self, buf: Array, dest: int) -> None:
         self._blocking("send", buf, dest, self._comm.send)
 
-    def recv(self, buf: Array, source: int) -> None:
+    def _recv(self, buf: Array, source: int) -> None:
         self._blocking("recv", buf, source, self._comm.recv)
 
     def _blocking(self, what: str, buf: Array, peer: int, nccl_call: Any) -> None:
@@ -143,10 +143,10 @@ class NcclCommunicator(Communicator):
         nccl_call(buf.data.ptr, buf.size, nccl_type, peer, self._stream.ptr)
         self._completion(buf).wait()
 
-    def bcast_object(self, obj: Any, root: int = 0) -> Any:
+    def _bcast_object(self, obj: Any, root: int) -> Any:
         return self._host.bcast_object(obj, root)
 
-    def allgather_object(self, obj: Any) -> list[Any]:
+    def _allgather_object(self, obj: Any) -> list[Any]:
         return self._host.allgather_object(obj)
 
     def _barrier(self) -> None:

@@ -17,26 +17,26 @@ class SingleCommunicator(Communicator):
     def __init__(self, timeout_s: float | None = None) -> None:
         super().__init__(rank=0, size=1, local_rank=0, local_size=1, timeout_s=timeout_s)
 
-    def iallreduce(self, buf: Array, op: str = "sum") -> Handle:
+    def _iallreduce(self, buf: Array, op: str) -> Handle:
         self.check_buffer(buf, "allreduce")
         self.check_op(op, buf)
         return DoneHandle()
 
-    def broadcast(self, buf: Array, root: int = 0) -> None:
+    def _broadcast(self, buf: Array, root: int) -> None:
         self.check_buffer(buf, "broadcast")
         self.check_root(root)
 
-    def send(self, buf: Array, dest: int) -> None:
+    def _send(self, buf: Array, dest: int) -> None:
         raise ValueError(f"send to rank {dest}: a world of one process has no other rank")
 
-    def recv(self, buf: Array, source: int) -> None:
+    def _recv(self, buf: Array, source: int) -> None:
         raise ValueError(f"recv from rank {source}: a world of one process has no other rank")
 
-    def bcast_object(self, obj: Any, root: int = 0) -> Any:
+    def _bcast_object(self, obj: Any, root: int) -> Any:
         self.check_root(root)
         return obj
 
-    def allgather_object(self, obj: Any) -> list[Any]:
+    def _allgather_object(self, obj: Any) -> list[Any]:
         return [obj]
 
     def _barrier(self) -> None:
