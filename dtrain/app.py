@@ -18,6 +18,7 @@ import os
 import sys
 import traceback
 from contextlib import ExitStack
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from dtrain.comm.watchdog import install_abort_on_exception
 from dtrain.config import RunConfig, config_dir, validate
 from dtrain.context import RunContext, build_context
 from dtrain.evaluate import evaluate, predict
+from dtrain.export import export_model
 from dtrain.parallel.row_partition import RowPartitioner, partition_devices
 from dtrain.precision import enable_tf32
 from dtrain.rundir import agree_run_dir, resolve_checkpoint
@@ -84,11 +86,11 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
                 log.info("row partitioning every Conv2d/Linear GEMM across devices %s on each rank", devices)
         try:
             return _run_mode(build_context(cfg, run_dir, comm, device, threads))
-        except BaseException:
-            # Hydra catches exceptions before sys.excepthook sees them; on several ranks the
-            # hook prints the error once and aborts every rank instead of leaving them hanging.
-            if comm.size > 1:
-                sys.excepthook(*sys.exc_info())
+        except Exception as err:
+            if comm.size > 1:  # the other ranks would wait for this one forever: end them all
+                if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    sys.excepthook(*sys.exc_info())  # the traceback on the terminal, then the abort
+                _fail(err, run_dir, comm.rank, abort=comm.abort)
             raise
 
 
@@ -100,10 +102,13 @@ def _run_mode(ctx: RunContext) -> dict[str, Any]:
     if choice.path is None:
         raise FileNotFoundError(f"no checkpoint to {t.mode} with: {choice.reason}; pass "
                                 "trainer.checkpoint=<path to ckpt-*.npz> or train this model on this data first")
-    load_checkpoint(choice.path).restore(ctx.model)
+    ckpt = load_checkpoint(choice.path)
+    ckpt.restore(ctx.model)
     if ctx.is_main:
         log.info("loaded %s (%s)", choice.path, choice.reason)
-    ds = ctx.split(t.split)
+    if t.mode == "export":
+        return _export(ctx, ckpt.extra.get("input"), str(choice.path))
+    ds = ctx.split(t.split, purpose=t.mode)
     if t.mode == "predict":
         return predict(ctx, ds, ctx.run_dir / t.predictions)
     metrics = evaluate(ctx, ds)
@@ -113,19 +118,50 @@ def _run_mode(ctx: RunContext) -> dict[str, Any]:
     return metrics
 
 
-def _fail(err: Exception, run_dir: Path) -> None:
-    """One line on the terminal, the traceback in the run's log file, ``summary.json``
-    marking the run failed; exit status 1."""
+def _export(ctx: RunContext, normalization: dict[str, float] | None, source: str) -> dict[str, Any]:
+    """``trainer.mode=export``: the model and its card into ``<run dir>/export`` (rank 0)."""
+    if normalization is None:  # a checkpoint from before dtrain stored it: the data's own
+        ds = ctx.train_set or ctx.test_set
+        normalization = {"mean": ds.mean, "std": ds.std}
+        if ctx.is_main:
+            log.info("the checkpoint does not record its input normalization; using data %s's (mean %g, std %g)",
+                     ds.name, ds.mean, ds.std)
+    files = []
+    if ctx.is_main:
+        files = export_model(ctx.model, ctx.model_spec, normalization, ctx.run_dir / "export",
+                             ctx.cfg.trainer.export_format, source)
+        log.info("exported %s", ", ".join(map(str, files)))
+    return {"files": [str(f) for f in files]}
+
+
+def _fail(err: Exception, run_dir: Path, rank: int | None = None, abort: Callable[[int], Any] | None = None) -> None:
+    """One line on the terminal, the traceback in the run's log file (ranks > 0, which
+    have none: ``dtrain-rank<R>.log`` beside it), ``summary.json`` marking the run failed;
+    exit status 1, through ``abort`` (MPI_Abort: every rank ends) when given. Without a
+    ``rank`` (an error before the communicator exists, the same on every rank) only the
+    launcher's rank 0 speaks."""
     message = f"{type(err).__name__}: {err}" if not str(err) else str(err)
     logging.raiseExceptions = False  # on a full disk the log file cannot take it either: stay quiet
-    logs = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
-    record = logging.LogRecord("dtrain", logging.ERROR, __file__, 0, "run failed:\n%s", (traceback.format_exc(),),
-                               None)
-    for handler in logs:
-        handler.handle(record)
-    where = f" (traceback in {logs[0].baseFilename})" if logs else ""
-    if rank_from_env() == 0:
-        print(f"dtrain: error: {message.splitlines()[0]}{where}", file=sys.stderr, flush=True)
+    details = traceback.format_exc()
+    logs = [h.baseFilename for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    record = logging.LogRecord("dtrain", logging.ERROR, __file__, 0, "run failed:\n%s", (details,), None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+    if not logs and rank:
+        with contextlib.suppress(OSError):
+            path = run_dir / f"dtrain-rank{rank}.log"
+            with open(path, "a") as f:
+                f.write(f"rank {rank} failed:\n{details}")
+            logs = [str(path)]
+    where = f" (traceback in {logs[0]})" if logs else ""
+    speaking_rank = rank_from_env() if rank is None else rank
+    prefix = f"[rank {rank}] " if rank is not None else ""
+    if rank is not None or speaking_rank == 0:
+        print(f"{prefix}dtrain: error: {message.splitlines()[0]}{where}", file=sys.stderr, flush=True)
+    if speaking_rank == 0:
         with contextlib.suppress(OSError):
             (run_dir / "summary.json").write_text(json.dumps({"status": "failed", "error": message}, indent=2) + "\n")
+    if abort is not None:
+        abort(1)
     sys.exit(1)

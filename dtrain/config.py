@@ -101,6 +101,7 @@ class DataConfig(Section):
     prefetch: NonNegativeInt | None = None
     image_shape: tuple[PositiveInt, PositiveInt, PositiveInt] | None = None
     num_classes: Annotated[int, Field(ge=2)] | None = None
+    holdout: Fraction = 0.1  # of the training set, evaluated on when the test set has no labels
 
     @model_validator(mode="after")
     def _options_fit_the_dataset(self) -> DataConfig:
@@ -151,7 +152,7 @@ OptimConfig = Annotated[SGDConfig | AdamConfig | RMSpropConfig, Field(discrimina
 
 
 class TrainerConfig(Section):
-    mode: Literal["train", "eval", "predict"] = "train"
+    mode: Literal["train", "eval", "predict", "export"] = "train"
     epochs: PositiveInt = 10
     max_steps: PositiveInt | None = None
     batch_size: PositiveInt = 64
@@ -163,6 +164,7 @@ class TrainerConfig(Section):
     on_nonfinite: Literal["stop", "skip"] = "stop"
     split: Literal["train", "test"] = "test"
     predictions: str = "predictions.csv"
+    export_format: Literal["pt2", "pt", "safetensors"] = "pt2"
     progress: StrictBool = True
 
 

@@ -28,7 +28,9 @@ class RunContext:
 
     ``device`` is ``cpu`` or ``gpu`` (``auto`` resolved), ``xp`` its array module,
     ``threads`` this process's thread budget; ``step`` and ``epoch`` say where training
-    stands (a resumed run starts from the checkpoint's).
+    stands (a resumed run starts from the checkpoint's). ``test_set`` is labeled (what
+    evaluation uses): a data set whose test split has no labels holds out part of its
+    training split for it, and its unlabeled test split is ``predict_set``.
     """
 
     cfg: RunConfig
@@ -41,6 +43,7 @@ class RunContext:
     model: Sequential
     train_set: Dataset | None
     test_set: Dataset | None
+    predict_set: Dataset | None = None
     step: int = 0
     epoch: int = 0
 
@@ -52,9 +55,16 @@ class RunContext:
     def model_spec(self) -> dict[str, Any]:
         return self.cfg.model.model_dump()
 
-    def split(self, name: str) -> Dataset:
-        """The ``train`` or ``test`` split; a clear error when the data set has no such split."""
-        ds = self.train_set if name == "train" else self.test_set
+    def split(self, name: str, purpose: str = "eval") -> Dataset:
+        """The ``train`` or ``test`` split for ``purpose`` (``eval`` needs labels, ``predict``
+        takes the unlabeled test split where there is one); a clear error when the data set
+        has no such split."""
+        if name == "train":
+            ds = self.train_set
+        elif purpose == "predict" and self.predict_set is not None:
+            ds = self.predict_set
+        else:
+            ds = self.test_set
         if ds is None:
             raise ValueError(f"data {self.cfg.data.name!r} has no {name} split; choose trainer.split=train or test")
         return ds
@@ -74,8 +84,44 @@ def build_context(cfg: RunConfig, run_dir: Path, comm: Communicator, device: str
         for layer in batch_norms(model):
             layer.stats_reducer = reducer
     train_set, test_set = load_data(cfg, comm)
+    predict_set = None
+    if train_set is not None and test_set is not None and test_set.labels is None:
+        train_set, test_set, predict_set = _hold_out(cfg, comm, train_set, test_set)
+    for ds in (train_set, test_set, predict_set):
+        if ds is not None:
+            check_fit(cfg, model, ds)
     return RunContext(cfg=cfg, run_dir=run_dir, comm=comm, device=device, threads=threads, xp=xp,
-                      dtype=dtype, model=model, train_set=train_set, test_set=test_set)
+                      dtype=dtype, model=model, train_set=train_set, test_set=test_set, predict_set=predict_set)
+
+
+def check_fit(cfg: RunConfig, model: Sequential, ds: Dataset) -> None:
+    """``ValueError`` in one line when the data's images or classes do not fit the model."""
+    if tuple(ds.image_shape) != tuple(cfg.model.input_shape):
+        raise ValueError(f"data {ds.name!r} has images of shape {tuple(ds.image_shape)} but model "
+                         f"{cfg.model.name!r} takes input_shape {tuple(cfg.model.input_shape)}: use a model for "
+                         f"{tuple(ds.image_shape)} images or other data")
+    outputs = model.output_shape(tuple(cfg.model.input_shape))[0]
+    if outputs < ds.num_classes:
+        raise ValueError(f"data {ds.name!r} has {ds.num_classes} classes but model {cfg.model.name!r} has "
+                         f"{outputs} outputs: its last layer needs out_features={ds.num_classes}")
+
+
+def _hold_out(cfg: RunConfig, comm: Communicator, train: Dataset,
+              test: Dataset) -> tuple[Dataset, Dataset | None, Dataset]:
+    """(training set, labeled evaluation set, unlabeled test set) for a test split without
+    labels: ``data.holdout`` of the training set, the same samples in every run (a fixed
+    shuffle, not the run's seed), is kept back for evaluation."""
+    n_holdout = int(round(len(train) * cfg.data.holdout))
+    if n_holdout == 0 or n_holdout == len(train):
+        if comm.rank == 0:
+            log.info("%s: the test split has no labels; no evaluation during training (data.holdout=%g)",
+                     train.name, cfg.data.holdout)
+        return train, None, test
+    order = np.random.default_rng(0).permutation(len(train))
+    if comm.rank == 0:
+        log.info("%s: the test split has no labels; evaluating on %d training samples held out (data.holdout=%g), "
+                 "training on the other %d", train.name, n_holdout, cfg.data.holdout, len(train) - n_holdout)
+    return train.take(np.sort(order[n_holdout:])), train.take(np.sort(order[:n_holdout])), test
 
 
 def load_data(cfg: RunConfig, comm: Communicator) -> tuple[Dataset | None, Dataset | None]:

@@ -10,10 +10,13 @@ plain name -> tensor mapping that either side loads with its own ``load_state_di
   PyTorch is not needed (``safetensors.torch.load_file`` reads it on the torch side).
 
 :func:`to_torch_sequential` builds the PyTorch twin of a dtrain model, layer by layer
-with the same hyperparameters and weights.
+with the same hyperparameters and weights; :func:`export_model` writes a model to take
+away (``trainer.mode=export``): a ``torch.export`` program or the weights, and a JSON
+card with the spec and the input normalization.
 """
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -213,3 +216,49 @@ def to_torch_sequential(model: Sequential) -> Any:
     twin.load_state_dict({name: torch.from_numpy(np.asarray(v, order="C")) for name, v in model.state_dict().items()})
     twin.train(model.training)
     return twin
+
+
+# -- a model to take away ----------------------------------------------------------------
+EXPORT_FORMATS = ("pt2", "pt", "safetensors")
+
+
+def export_model(model: Sequential, spec: Mapping[str, Any], normalization: Mapping[str, float],
+                 directory: str | os.PathLike, fmt: str = "pt2", source: str | None = None) -> list[Path]:
+    """Write ``model`` for use without dtrain: ``model.<fmt>`` and ``model.json``; returns both.
+
+    ``pt2`` is a ``torch.export`` program (architecture and weights: ``torch.export.load``
+    is all it takes); ``pt`` and ``safetensors`` hold the state_dict (weights only, under
+    PyTorch's names). ``model.json`` says how to use them: the model spec (``layers``,
+    ``input_shape``), the class count, the input normalization ``x = (pixel *
+    pixel_scale - mean) / std`` (``mean``, ``std`` as trained with) and the source
+    checkpoint. The model is exported in eval mode (dropout off, BatchNorm's running
+    statistics).
+    """
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"export format must be one of {', '.join(EXPORT_FORMATS)}; got {fmt!r}")
+    directory = Path(directory)
+    weights = directory / f"model.{fmt}"
+    model.eval()
+    input_shape = tuple(int(d) for d in spec["input_shape"])
+    if fmt == "pt2":
+        torch = _torch()
+        twin = to_torch_sequential(model).eval()
+        example = torch.zeros((2, *input_shape), dtype=getattr(torch, model.dtype.name))
+        program = torch.export.export(twin, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+        atomic_write(weights, lambda f: torch.export.save(program, f))
+    else:
+        write_weights(model.state_dict(), weights)
+    meta = {
+        "format": fmt,
+        "weights": weights.name,
+        "input_shape": list(input_shape),
+        "classes": int(model.output_shape(input_shape)[0]),
+        "pixel_scale": 1 / 255,
+        "mean": float(normalization["mean"]),
+        "std": float(normalization["std"]),
+        "model": dict(spec),
+        "checkpoint": source,
+        "dtrain_version": dtrain_version(),
+    }
+    card = atomic_write(directory / "model.json", lambda f: f.write((json.dumps(meta, indent=2) + "\n").encode()))
+    return [weights, card]

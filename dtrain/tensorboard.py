@@ -56,6 +56,7 @@ class TBLogger:
         self.hist_interval = hist_interval
         self.max_images = max_images
         self._writer = None
+        self._last_histogram_step: int | None = None
         if self.enabled:
             from tensorboardX import SummaryWriter
 
@@ -70,14 +71,17 @@ class TBLogger:
             self._writer.add_scalar(tag, _real(tag, value), int(step))
 
     # -- histograms --------------------------------------------------------------------
-    def log_histograms(self, flat: FlatParameters, step: int) -> bool:
+    def log_histograms(self, flat: FlatParameters, step: int, every_step: bool = False) -> bool:
         """Histograms ``weights/<name>`` and ``grads/<name>`` of every flat buffer entry.
 
-        Writes only when ``hist_interval > 0`` and ``step % hist_interval == 0``; returns
-        whether it wrote. Each buffer is copied to the host once (one transfer on GPU).
+        Writes only when ``hist_interval > 0`` and ``step % hist_interval == 0`` (or, with
+        ``every_step``, whatever the step), at most once per step; returns whether it wrote.
+        Each buffer is copied to the host once (one transfer on GPU).
         """
-        if self._writer is None or not self.hist_interval or step % self.hist_interval:
+        due = every_step or (self.hist_interval and step % self.hist_interval == 0)
+        if self._writer is None or not self.hist_interval or not due or step == self._last_histogram_step:
             return False
+        self._last_histogram_step = step
         for kind, buffer in (("weights", flat.params), ("grads", flat.grads)):
             host = to_host(buffer)
             for entry in flat.entries:

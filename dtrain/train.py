@@ -212,6 +212,12 @@ def _resume(ctx: RunContext, optimizer: Optimizer, precision: PrecisionPolicy) -
     return str(choice.path)
 
 
+def _normalization(ctx: RunContext) -> dict[str, float]:
+    """How the model's input was normalized: ``x = (pixel / 255 - mean) / std``."""
+    ds = ctx.split("train")
+    return {"mean": float(ds.mean), "std": float(ds.std)}
+
+
 def _data_order(ctx: RunContext) -> dict[str, int]:
     """What fixes the sequence of batches and dropout masks, besides the step: stored in
     every checkpoint and checked on resume."""
@@ -254,7 +260,8 @@ def _save(ctx: RunContext, checkpoints: CheckpointManager, optimizer: Optimizer,
     try:
         path = checkpoints.save(ctx.step, ctx.model, optimizer, epoch=ctx.epoch,
                                 rng_state={**_data_order(ctx), "epoch": ctx.epoch, "step": ctx.step},
-                                config=ctx.cfg.model_dump(mode="json"), extra=precision.state_dict())
+                                config=ctx.cfg.model_dump(mode="json"),
+                                extra={**precision.state_dict(), "input": _normalization(ctx)})
     except OSError as err:
         reason = (err.strerror or str(err)).lower()
         raise CheckpointWriteError(f"cannot write checkpoint {checkpoints.path_for(ctx.step)}: {reason}; last good "
@@ -313,6 +320,7 @@ class TrainingReport:
             self.timeline(timer)
 
     def histograms(self) -> None:
+        """Every ``logging.hist_interval`` steps (and at the end of every epoch)."""
         self.tb.log_histograms(self.flat, self.ctx.step)
 
     def end_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
@@ -329,8 +337,11 @@ class TrainingReport:
             self.tb.log_scalars({f"eval/{k}": v for k, v in metrics.items()}, ctx.step)
             if len(self.history) == 1 and ctx.cfg.logging.images:
                 self.tb.log_images(ctx.split("train").images[:64], ctx.model, ctx.step)
-            log.info("epoch %d: train loss %.4f acc %.4f | test loss %.4f acc %.4f", epoch, stats["train_loss"],
-                     stats["train_accuracy"], metrics.get("loss", math.nan), metrics.get("accuracy", math.nan))
+            test = (f"test loss {metrics['loss']:.4f} acc {metrics['accuracy']:.4f}" if metrics
+                    else "no labeled test data")
+            log.info("epoch %d: train loss %.4f acc %.4f | %s", epoch, stats["train_loss"], stats["train_accuracy"],
+                     test)
+        self.tb.log_histograms(self.flat, ctx.step, every_step=True)  # at least once per epoch
 
     def timeline(self, timer: PhaseTimer, final: bool = False) -> None:
         """With ``logging.timeline``: this rank's steps since the last call into its trace;

@@ -285,3 +285,99 @@ def test_a_full_disk_ends_the_run_in_one_line_and_keeps_the_earlier_checkpoints(
                                f"left on device; last good checkpoint: {run}/checkpoints/ckpt-00000002.npz"), lines[0]
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["ckpt-00000002.npz"]  # no temp file left either
     np.load(run / "checkpoints" / "ckpt-00000002.npz")["model/0.weight"]
+
+
+def test_export_writes_a_model_that_pytorch_alone_runs_like_dtrain(tmp_path):
+    torch = pytest.importorskip("torch")
+    dtrain(tmp_path, "model=lenet", *SYNTH, "trainer.max_steps=3", "hydra.run.dir=outputs/d/train")
+    dtrain(tmp_path, "model=lenet", *SYNTH, "trainer.mode=predict", "trainer.checkpoint=auto",
+           "hydra.run.dir=outputs/d/predict")
+    dtrain(tmp_path, "model=lenet", *SYNTH, "trainer.mode=export", "trainer.checkpoint=auto",
+           "hydra.run.dir=outputs/d/export")
+    card = json.loads((tmp_path / "outputs/d/export/export/model.json").read_text())
+    assert card["checkpoint"].endswith("outputs/d/train/checkpoints/ckpt-00000003.npz")
+    assert card["model"]["name"] == "lenet" and card["classes"] == 10 and card["input_shape"] == [1, 28, 28]
+    from dtrain.data import load_dataset
+
+    test = load_dataset("synthetic", "test", size=64)
+    assert (card["mean"], card["std"]) == pytest.approx((test.mean, test.std))
+    # README's snippet, as printed there, in the run directory
+    snippet = (REPO / "README.md").read_text().split("<!-- export-snippet -->\n```python\n", 1)[1].split("```", 1)[0]
+    scope = {"images": test.images}
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path / "outputs/d/export")
+        exec(snippet, scope)
+    finally:
+        os.chdir(cwd)
+    rows = list(csv.reader((tmp_path / "outputs/d/predict/predictions.csv").open()))[1:]
+    assert scope["predictions"].tolist() == [int(label) for _, label in rows]
+    assert isinstance(scope["model"], torch.nn.Module)
+
+
+def test_safetensors_export_needs_no_pytorch_to_read(tmp_path):
+    dtrain(tmp_path, "model=lenet", *SYNTH, "trainer.max_steps=2", "hydra.run.dir=outputs/d/train")
+    dtrain(tmp_path, "model=lenet", *SYNTH, "trainer.mode=export", "trainer.export_format=safetensors",
+           "trainer.checkpoint=outputs/d/train/checkpoints/ckpt-00000002.npz", "hydra.run.dir=outputs/d/export")
+    from safetensors.numpy import load_file
+
+    weights = load_file(str(tmp_path / "outputs/d/export/export/model.safetensors"))
+    ckpt = np.load(tmp_path / "outputs/d/train/checkpoints/ckpt-00000002.npz")
+    np.testing.assert_array_equal(weights["0.weight"], ckpt["model/0.weight"])
+
+
+def kaggle_root(tmp_path: Path) -> Path:
+    """Kaggle-style train.csv (200 labeled) and test.csv (30 unlabeled) digits."""
+    from data_files import mnist_arrays, pixel_csv
+
+    root = tmp_path / "kaggle"
+    root.mkdir()
+    images, labels = mnist_arrays(200, seed=1)
+    (root / "train.csv").write_text(pixel_csv(images, labels, header=True))
+    (root / "test.csv").write_text(pixel_csv(mnist_arrays(30, seed=2)[0], None, header=True))
+    return root
+
+
+KAGGLE = ["model=lenet", "data=kaggle_digits", "trainer.batch_size=30", "trainer.progress=false",
+          "logging.tensorboard=false", "device=cpu", "threads=1", "trainer.epochs=1"]
+
+
+def test_kaggle_evaluates_on_held_out_training_samples_and_predicts_the_test_csv(tmp_path):
+    root = kaggle_root(tmp_path)
+    proc = dtrain(tmp_path, *KAGGLE, f"data.root={root}", "hydra.run.dir=outputs/d/k")
+    out = proc.stdout + proc.stderr
+    assert "the test split has no labels; evaluating on 20 training samples held out (data.holdout=0.1)" in out
+    assert "nan" not in out
+    summary = json.loads((tmp_path / "outputs/d/k/summary.json").read_text())
+    assert summary["history"][0]["test_samples"] == 20 and summary["steps"] == 6  # 180 / 30
+    dtrain(tmp_path, *KAGGLE, f"data.root={root}", "trainer.mode=predict", "trainer.checkpoint=auto",
+           "hydra.run.dir=outputs/d/p")
+    rows = list(csv.reader((tmp_path / "outputs/d/p/predictions.csv").open()))
+    assert len(rows) == 31  # header + every test.csv image
+    proc = dtrain(tmp_path, *KAGGLE, f"data.root={root}", "data.holdout=0", "hydra.run.dir=outputs/d/none")
+    out = proc.stdout + proc.stderr
+    assert "no evaluation during training (data.holdout=0)" in out and "no labeled test data" in out
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model=lenet", "model.input_shape=[3,32,32]", "model.layers.0.in_channels=3", "model.layers.7.in_features=400"],
+     "data 'synthetic' has images of shape (1, 28, 28) but model 'lenet' takes input_shape (3, 32, 32)"),
+    (["model=lenet", "model.layers.11.out_features=5"],
+     "data 'synthetic' has 10 classes but model 'lenet' has 5 outputs: its last layer needs out_features=10"),
+])
+def test_data_that_does_not_fit_the_model_fails_at_start_up(tmp_path, overrides, message):
+    proc = dtrain(tmp_path, *overrides, *[o for o in SYNTH if not o.startswith("model=")], check=False)
+    assert proc.returncode == 1
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_a_run_shorter_than_the_histogram_interval_still_writes_histograms(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    dtrain(tmp_path, "model=lenet", *[o for o in SYNTH if o != "logging.tensorboard=false"], "trainer.max_steps=3",
+           "logging.hist_interval=200", "hydra.run.dir=outputs/d/h")
+    events = EventAccumulator(str(tmp_path / "outputs/d/h/tensorboard"), size_guidance={"histograms": 0})
+    events.Reload()
+    assert "weights/0.weight" in events.Tags()["histograms"]
+    assert [e.step for e in events.Histograms("weights/0.weight")] == [3]

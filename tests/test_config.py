@@ -43,7 +43,7 @@ def test_defaults_are_typed():
     (["+trainer.epoch=3"], "unknown config key trainer.epoch=3; trainer has mode, epochs,"),
     (["+optim.momentum=0.9"], "unknown config key optim.momentum=0.9; optim has lr, weight_decay, schedule, name, betas"),
     (["parallel.overlap=sometimes"], "parallel.overlap='sometimes': Input should be a valid boolean or Input should be 'auto'"),
-    (["trainer.mode=evaluate"], "trainer.mode='evaluate': Input should be 'train', 'eval' or 'predict'"),
+    (["trainer.mode=evaluate"], "trainer.mode='evaluate': Input should be 'train', 'eval', 'predict' or 'export'"),
     (["model.input_shape=[1,28]"], "model.input_shape=[1, 28]: item 2: Field required"),
     (["precision.compute=bfloat16"], "neither NumPy nor CuPy has a bfloat16 array type; use precision.compute=float16"),
     (["precision.compute=half"], "precision.compute='half': Input should be 'float32' or 'float16'"),

@@ -160,7 +160,11 @@ def test_a_failing_rank_ends_the_whole_job_quickly(tmp_path):
     result = launch(["-n", "1", *good, ":", "-n", "1", *bad], timeout=60, cwd=tmp_path)
     assert result.returncode != 0
     assert time.monotonic() - start < 30
-    assert result.stderr.count("[rank 1] Traceback") == 1, result.output
+    lines = [line for line in result.stderr.splitlines() if "dtrain: error:" in line]
+    assert len(lines) == 1 and lines[0].startswith("[rank 1] dtrain: error: kaggle_digits: train.csv not found"), \
+        result.output
+    assert "Traceback" not in result.stderr
+    assert "Traceback" in (tmp_path / "r" / "dtrain-rank1.log").read_text()
 
 
 def test_a_rank_that_stops_arriving_times_out_the_job(tmp_path):

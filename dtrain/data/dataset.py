@@ -65,6 +65,11 @@ class Dataset:
         """Per-sample shape ``(C, H, W)``."""
         return tuple(self.images.shape[1:])
 
+    def take(self, indices: np.ndarray) -> Dataset:
+        """The samples at ``indices`` (int array), in that order: a new dataset with copies."""
+        labels = None if self.labels is None else self.labels[indices]
+        return Dataset(self.images[indices], labels, self.name, self.num_classes, self.mean, self.std)
+
     def head(self, size: int) -> Dataset:
         """The first ``size`` samples (a deterministic subset sharing this dataset's memory)."""
         check_int(size, f"dataset {self.name!r}: size", 1)
