@@ -37,6 +37,7 @@ from dtrain.evaluate import evaluate, predict
 from dtrain.export import export_model
 from dtrain.parallel.row_partition import RowPartitioner, partition_devices
 from dtrain.precision import enable_tf32
+from dtrain.preemption import PREEMPTED, Preempted
 from dtrain.rundir import agree_run_dir, resolve_checkpoint
 from dtrain.threads import set_blas_threads, thread_budget
 from dtrain.train import train
@@ -55,6 +56,8 @@ def _hydra_main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         run(validate(cfg), run_dir)
+    except Preempted as stopped:
+        _stop(stopped, run_dir)
     except Exception as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
@@ -86,6 +89,8 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
                 log.info("row partitioning every Conv2d/Linear GEMM across devices %s on each rank", devices)
         try:
             return _run_mode(build_context(cfg, run_dir, comm, device, threads))
+        except Preempted:
+            raise  # every rank stops at the same step: a clean exit, not a failure
         except Exception as err:
             if comm.size > 1:  # the other ranks would wait for this one forever: end them all
                 if os.environ.get("HYDRA_FULL_ERROR") == "1":
@@ -132,6 +137,18 @@ def _export(ctx: RunContext, normalization: dict[str, float] | None, source: str
                              ctx.cfg.trainer.export_format, source)
         log.info("exported %s", ", ".join(map(str, files)))
     return {"files": [str(f) for f in files]}
+
+
+def _stop(stopped: Preempted, run_dir: Path) -> None:
+    """A run stopped on request: one line, ``summary.json`` saying so, exit status PREEMPTED."""
+    if rank_from_env() == 0:
+        log.warning("%s", stopped)
+        print(f"dtrain: {stopped}", file=sys.stderr, flush=True)
+        with contextlib.suppress(OSError):
+            (run_dir / "summary.json").write_text(json.dumps(
+                {"status": "preempted", "signal": stopped.signal_name, "step": stopped.step,
+                 "checkpoint": stopped.checkpoint}, indent=2) + "\n")
+    sys.exit(PREEMPTED)
 
 
 def _fail(err: Exception, run_dir: Path, rank: int | None = None, abort: Callable[[int], Any] | None = None) -> None:

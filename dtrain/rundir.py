@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,3 +152,12 @@ def run_checkpoints_in(run_dir: Path) -> list[Path]:
     """The checkpoints of one run directory, oldest step first."""
     directory = run_dir / "checkpoints"
     return CheckpointManager(directory, keep_last=1, clean=False).checkpoints() if directory.is_dir() else []
+
+
+RESTARTS_FILE = "restarts.json"  # the elastic launcher's record of a run's restarts
+
+
+def read_restarts(run_dir: Path) -> list[dict]:
+    """The restarts :mod:`dtrain.launch` recorded in ``run_dir`` (empty: none)."""
+    path = run_dir / RESTARTS_FILE
+    return json.loads(path.read_text()) if path.is_file() else []

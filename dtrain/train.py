@@ -30,7 +30,8 @@ from dtrain.parallel.ordered import OrderedChainGradients, chunk_range
 from dtrain.parallel.sync import broadcast_parameters, check_consistency
 from dtrain.parallel.workers import ComputeWorker, WorkerPool
 from dtrain.precision import PrecisionPolicy, make_precision
-from dtrain.rundir import resolve_checkpoint
+from dtrain.preemption import Preempted, StopRequest
+from dtrain.rundir import read_restarts, resolve_checkpoint
 from dtrain.tensorboard import TBLogger
 from dtrain.timeline import (
     ChromeTrace,
@@ -72,6 +73,8 @@ def train(ctx: RunContext) -> dict[str, Any]:
     timer = PhaseTimer(ctx.xp, record_steps=cfg.logging.timeline)
     report = TrainingReport(ctx, flat, steps_per_epoch)
     report.start(precision)
+    stop = StopRequest(ctx.run_dir)  # SIGTERM, SIGUSR1, Ctrl-C: finish the step, checkpoint, exit PREEMPTED
+    stop.install()
     comm.barrier()  # start the first step together, so its communication wait is not start-up skew
 
     # -- the loop ------------------------------------------------------------------------
@@ -101,16 +104,24 @@ def train(ctx: RunContext) -> dict[str, Any]:
             report.histograms()
             if cfg.parallel.check_interval and comm.size > 1 and ctx.step % cfg.parallel.check_interval == 0:
                 check_consistency(comm, flat, ctx.step)
-            if t.checkpoint_every and ctx.step % t.checkpoint_every == 0:
+            saved = t.checkpoint_every and ctx.step % t.checkpoint_every == 0
+            if saved:
                 last_good = _save(ctx, checkpoints, optimizer, precision, last_good)
             if ctx.step >= total_steps:
                 break
+            signal_name = stop.agreed(comm)
+            if signal_name is not None:
+                if not saved:
+                    last_good = _save(ctx, checkpoints, optimizer, precision, last_good)
+                gradients.close()
+                raise Preempted(signal_name, ctx.step, last_good)
         metrics = evaluate(ctx, ctx.test_set) if ctx.test_set is not None and ctx.test_set.labels is not None else {}
         model.train()
         ctx.epoch = ctx.step // steps_per_epoch
         report.end_epoch(epoch, metrics)
 
     # -- the end -------------------------------------------------------------------------
+    stop.uninstall()
     gradients.close()
     report.timeline(timer, final=True)
     last_good = _save(ctx, checkpoints, optimizer, precision, last_good)
@@ -361,6 +372,10 @@ class TrainingReport:
     def finish(self, summary: dict[str, Any]) -> None:
         ctx = self.ctx
         if ctx.is_main:
+            r = summary["restarts"]
+            if r["count"]:
+                self.tb.log_scalars({"elastic/restarts": r["count"], "elastic/steps_redone": r["steps_redone"],
+                                     "elastic/seconds_lost": r["seconds_lost"]}, ctx.step)
             self.tb.log_hparams(ctx.cfg.model_dump(mode="json"), summary)
             (ctx.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
             accuracy = summary["test_accuracy"]
@@ -374,6 +389,7 @@ class TrainingReport:
 def _summary(ctx: RunContext, images: int, seconds: float, checkpoint: str | None, timer: PhaseTimer,
              precision: PrecisionPolicy, history: list[dict[str, Any]]) -> dict[str, Any]:
     last = history[-1] if history else {}
+    restarts = read_restarts(ctx.run_dir)  # written by the elastic launcher, if it restarted this run
     images_per_sec = images / seconds if seconds > 0 else 0.0
     forward_flops = ctx.model.flops(ctx.cfg.model.input_shape)
     return {
@@ -396,6 +412,11 @@ def _summary(ctx: RunContext, images: int, seconds: float, checkpoint: str | Non
         "peak_device_bytes": timer.peak_device_bytes,
         "checkpoint": checkpoint,
         "precision": {**precision.summary(), "tf32": ctx.cfg.precision.tf32},
+        "restarts": {"count": len(restarts),
+                     "failed": sum(r["kind"] == "failed" for r in restarts),
+                     "steps_redone": sum(r["steps_redone"] or 0 for r in restarts),
+                     "seconds_lost": sum(r["seconds_lost"] or 0 for r in restarts),
+                     "records": restarts},
         "history": history,
     }
 

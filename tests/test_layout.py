@@ -22,14 +22,14 @@ LAYERS = {
     "nn": 2, "comm": 2, "data": 2,
     "optim": 3, "models": 3,
     "config": 4, "checkpoint": 4, "tensorboard": 4,
-    "export": 5, "precision": 5,
+    "export": 5, "precision": 5, "preemption": 5,
     "parallel": 6,
     "timeline": 7, "rundir": 7,
     "context": 8,
     "evaluate": 9,
     "train": 10,
     "app": 11,
-    "__main__": 12,
+    "__main__": 12, "launch": 12,
 }
 
 

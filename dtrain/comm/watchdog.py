@@ -102,6 +102,17 @@ class ArrivalBoard:
         record = json.dumps(asdict(arrival)).encode()[: self.RECORD].ljust(self.RECORD)
         os.pwrite(self._fd, record, 0)
 
+    @staticmethod
+    def read_all(directory: Path) -> list[Arrival]:
+        """Every readable record in ``directory`` (for a supervisor: how far the job got)."""
+        arrivals = []
+        for path in sorted(directory.glob("rank*")):
+            try:
+                arrivals.append(Arrival(**json.loads(path.read_bytes())))
+            except (OSError, ValueError, TypeError):
+                continue
+        return arrivals
+
     def read(self, size: int) -> dict[int, Arrival | None]:
         """Every rank's latest arrival (None: no readable record)."""
         arrivals: dict[int, Arrival | None] = {}
