@@ -87,11 +87,16 @@ def find_mpirun() -> str:
 
 
 def srun_has_pmix() -> bool:
-    """Inside a Slurm allocation, whether ``srun --mpi=pmix`` can start MPI ranks."""
+    """Inside a Slurm allocation, whether ``srun --mpi=pmix`` really starts a task: stock
+    slurm-wlm lists a pmix plugin that cannot load its library ("Invalid MPI type 'pmix'")."""
     if "SLURM_JOB_ID" not in os.environ or shutil.which("srun") is None:
         return False
-    listed = subprocess.run(["srun", "--mpi=list"], capture_output=True, text=True, check=False)
-    return "pmix" in (listed.stdout + listed.stderr)
+    try:
+        probe = subprocess.run(["srun", "--mpi=pmix", "--ntasks=1", "true"], capture_output=True, text=True,
+                               timeout=60, check=False)
+    except subprocess.TimeoutExpired:
+        return False
+    return probe.returncode == 0
 
 
 class Supervisor:
@@ -108,6 +113,7 @@ class Supervisor:
         self.restarts = [Restart(**r) for r in read_restarts(self.run_dir)]  # a requeued supervisor continues
         self.job: subprocess.Popen | None = None
         self.launcher = args.launcher if args.launcher != "auto" else ("srun" if srun_has_pmix() else "mpirun")
+        log.info("dtrain.launch: starting ranks with %s", self.launcher)
 
     def ranks(self) -> int:
         available = self.args.nproc
@@ -154,6 +160,8 @@ class Supervisor:
                 return 0
             preempted = status == PREEMPTED
             if self.stop_signal is not None:  # the supervisor was asked to stop: so did the job
+                if preempted:  # a requeued job's supervisor continues this record
+                    self._record(attempt, status, True, ranks, started, 0.0)
                 log.info("dtrain.launch: stopped by %s, exit status %d%s", self.stop_signal, status,
                          "" if preempted else " (the job did not stop cleanly)")
                 return PREEMPTED if preempted else status
