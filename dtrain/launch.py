@@ -50,6 +50,7 @@ log = logging.getLogger("dtrain.launch")
 
 GAVE_UP = 3
 MAX_BACKOFF_S = 60.0
+FORWARDED_PREFIXES = ("NCCL_", "DTRAIN_", "OPENBLAS_", "OMP_")
 
 
 @dataclass
@@ -132,6 +133,10 @@ class Supervisor:
             cmd += ["--hostfile", self.args.hostfile]
         if self.args.oversubscribe:
             cmd.append("--oversubscribe")
+        # mpirun copies no environment to other nodes: pass on what the ranks read
+        forwarded = {var for var in os.environ if var.startswith(FORWARDED_PREFIXES) or var == "PYTHONPATH"}
+        for var in sorted(forwarded | {"DTRAIN_ATTEMPT"}):
+            cmd += ["-x", var]
         return [*cmd, *self.args.mpirun_arg, *app]
 
     def run(self) -> int:

@@ -3,6 +3,7 @@ writes a checkpoint, or is preempted, completes by itself, and in deterministic 
 the bits of a run that never failed. Failures are injected by tests/chaos/sitecustomize.py."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -62,6 +63,7 @@ def test_killed_ranks_a_kill_during_a_save_and_a_preemption_end_with_the_uninter
     assert restarts[0]["reached_step"] == 6 and restarts[0]["steps_redone"] == 2
     # the save after step 12 was cut: back to step 8; the board knows step 11 had begun
     assert restarts[1]["reached_step"] == 11 and restarts[1]["steps_redone"] == 3
+    assert restarts[2]["steps_redone"] == 0  # a preemption checkpoints the step it finished
     summary = json.loads((run / "summary.json").read_text())
     assert summary["restarts"]["count"] == 3 and summary["restarts"]["failed"] == 2
     assert summary["restarts"]["steps_redone"] == 5
@@ -125,3 +127,58 @@ def test_a_signal_to_the_supervisor_checkpoints_and_exits_preempted(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "preempted" and summary["signal"] == "SIGUSR1"
     assert Path(summary["checkpoint"]).is_file() and summary["step"] < 200 * 10
+
+
+def test_mpirun_passes_the_rank_settings_on_to_other_nodes(tmp_path, monkeypatch):
+    # mpirun copies no environment to remote nodes: NCCL_*, DTRAIN_*, BLAS threads and PYTHONPATH go with -x
+    from dtrain.launch import Supervisor
+    monkeypatch.setenv("NCCL_SOCKET_IFNAME", "ib0")
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    monkeypatch.setenv("PYTHONPATH", "/opt/lib")
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    args = argparse.Namespace(nproc=4, min_ranks=1, max_restarts=3, backoff=1.0, hostfile=None, launcher="mpirun",
+                              oversubscribe=False, mpirun_arg=["--bind-to", "none"])
+    cmd = Supervisor(args, ["model=lenet", f"hydra.run.dir={tmp_path}"]).command(4, resume=True)
+    passed = {cmd[i + 1] for i, word in enumerate(cmd) if word == "-x"}
+    assert {"NCCL_SOCKET_IFNAME", "OPENBLAS_CORETYPE", "PYTHONPATH", "DTRAIN_ATTEMPT"} <= passed
+    assert cmd[-3:] == ["model=lenet", f"hydra.run.dir={tmp_path}", "trainer.resume=auto"]
+    assert cmd[cmd.index("-n") + 1] == "4" and "--bind-to" in cmd
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_on_one_process_checkpoints_and_the_resumed_run_has_the_uninterrupted_bits(tmp_path, sig):
+    # constant LR: the uninterrupted twin may stop at the resumed run's step count
+    common = [*[o for o in COMMON if not o.startswith(("trainer.epochs", "parallel.timeout_s"))],
+              "optim.schedule.kind=constant", "parallel.deterministic=true"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMIX_", "PRTE_"))}
+    env.update(PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+
+    def dtrain(name: str, *overrides: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "dtrain", *common, *overrides, f"hydra.run.dir={tmp_path / name}"],
+                                cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    run = tmp_path / "stopped"
+    job = dtrain("stopped", "trainer.epochs=1000")
+    deadline = time.monotonic() + 120
+    while not list(run.glob("checkpoints/ckpt-*.npz")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    job.send_signal(sig)
+    _, stderr = job.communicate(timeout=120)
+    assert job.returncode == 75, stderr
+    assert "Traceback" not in stderr and f"stopped by {sig.name} after step" in stderr, stderr
+    summary = json.loads((run / "summary.json").read_text())
+    stopped_at = summary["step"]
+    assert summary["status"] == "preempted" and 4 <= stopped_at < 10_000
+    assert Path(summary["checkpoint"]).name == f"ckpt-{stopped_at:08d}.npz"
+
+    target = f"trainer.max_steps={stopped_at + 6}"
+    resumed = dtrain("stopped", "trainer.epochs=1000", "trainer.resume=auto", target)
+    straight = dtrain("straight", "trainer.epochs=1000", target)
+    for proc in (resumed, straight):
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr
+    a, b = (np.load(sorted((tmp_path / name).glob("checkpoints/ckpt-*.npz"))[-1]) for name in ("straight", "stopped"))
+    assert int(a["meta/step"]) == int(b["meta/step"]) == stopped_at + 6
+    for key in a.files:
+        if key.startswith(("model/", "optim/")):
+            np.testing.assert_array_equal(b[key], a[key], err_msg=key)
