@@ -10,6 +10,15 @@ dtrain/PyTorch ratio (higher is better for dtrain). On a GPU both run full float
 arithmetic unless ``--tf32`` lets both use TF32 tensor cores (PyTorch allows TF32 in
 cuDNN convolutions by default; here it is switched off for a like-for-like comparison).
 
+Alongside, in the same run: the GEMM roof (NumPy's float32 GEMM on 2048 x 2048 matrices
+with the same threads: the best the BLAS does) and the model's own GEMMs timed alone (the
+forward, weight-gradient and input-gradient products of every Conv2d and Linear, at the
+shapes im2col gives them; none for the first layer's input gradient, which neither
+framework computes). Each framework's training rate is printed in GFLOP/s (3 x forward
+FLOPs per image) and as a fraction of the roof; "GEMMs alone" is the most an im2col
+design can reach on this BLAS. The header names the BLAS kernels (``OPENBLAS_CORETYPE``
+picks others) and PyTorch's CPU capability (``ONEDNN_MAX_CPU_ISA=AVX2`` holds oneDNN to AVX2).
+
 ``--memory`` runs each framework alone in a fresh child process (so neither sees the
 other's allocations; both import the same libraries) and reports host resident memory
 after the imports and at its peak over warm-up plus timed steps; the difference is what
@@ -71,6 +80,8 @@ def main() -> None:
         return
     print(f"batch {args.batch}, {args.threads} threads, device {args.device}, float32"
           f"{' (TF32 in both)' if args.tf32 and args.device == 'gpu' else ''}, torch {torch.__version__}")
+    if args.device == "cpu":
+        print(f"BLAS: {blas_description()}; torch CPU capability {torch.backends.cpu.get_cpu_capability()}")
     if args.memory:
         print(f"{'model':<12}{'':<8}{'imports MiB':>12}{'peak MiB':>10}{'training MiB':>14}")
         for name in args.model.split(","):
@@ -81,10 +92,23 @@ def main() -> None:
             d, t = (sizes[fw]["peak"] - sizes[fw]["imports"] for fw in ("dtrain", "torch"))
             print(f"{name:<12}training memory dtrain / torch: {d / t:.2f}")
         return
-    print(f"{'model':<12}{'dtrain img/s':>14}{'torch img/s':>14}{'ratio':>8}")
+    if args.device == "gpu":
+        print(f"{'model':<12}{'dtrain img/s':>14}{'torch img/s':>14}{'ratio':>8}")
+        for name in args.model.split(","):
+            d, t = bench_model(name, args, torch)
+            print(f"{name:<12}{d:>14.1f}{t:>14.1f}{d / t:>8.2f}")
+        return
+    roof = gemm_roof_gflops()
+    print(f"GEMM roof (NumPy float32 2048^3): {roof:.0f} GFLOP/s")
+    print(f"{'model':<12}{'dtrain img/s':>14}{'torch img/s':>14}{'ratio':>8}"
+          f"{'dtrain GF/s':>13}{'torch GF/s':>12}{'GEMMs alone':>13}   fraction of roof: dtrain / torch / GEMMs")
     for name in args.model.split(","):
         d, t = bench_model(name, args, torch)
-        print(f"{name:<12}{d:>14.1f}{t:>14.1f}{d / t:>8.2f}")
+        per_image = 3 * step_model_flops(name)
+        floor = gemm_floor_gflops(name, args)
+        rates = [d * per_image / 1e9, t * per_image / 1e9]
+        print(f"{name:<12}{d:>14.1f}{t:>14.1f}{d / t:>8.2f}{rates[0]:>13.1f}{rates[1]:>12.1f}{floor:>13.1f}"
+              f"   {rates[0] / roof:.0%} / {rates[1] / roof:.0%} / {floor / roof:.0%}")
 
 
 def set_tf32(enabled: bool, torch) -> None:
@@ -164,6 +188,77 @@ def bench_model(name: str, args: argparse.Namespace, torch) -> tuple[float, floa
         dts.append(timed(dtrain_step, dtrain_sync))
         tts.append(timed(torch_step, torch_sync))
     return statistics.median(dts), statistics.median(tts)
+
+
+def blas_description() -> str:
+    """NumPy's BLAS library, version and the kernels it runs (threadpoolctl's view)."""
+    from threadpoolctl import threadpool_info
+
+    found = [f"{i['internal_api']} {i.get('version')} {i.get('architecture') or ''}".strip()
+             for i in threadpool_info() if i["user_api"] == "blas"]
+    return ", ".join(found) or "none found"
+
+
+def best_time(fn: Step, reps: int = 5) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def gemm_roof_gflops(n: int = 2048) -> float:
+    """NumPy float32 GEMM rate on n x n matrices (best of 5): what the BLAS can do here."""
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((n, n)).astype(np.float32) for _ in range(2))
+    out = np.empty((n, n), np.float32)
+    return 2 * n**3 / best_time(lambda: np.matmul(a, b, out=out)) / 1e9
+
+
+def step_model_flops(name: str) -> int:
+    spec = load_model_spec(name)
+    return build_model(spec, seed=0).flops(tuple(spec["input_shape"]))
+
+
+def model_gemms(name: str, batch: int) -> list[tuple[int, int, int, bool, bool]]:
+    """(M, K, N, a transposed, b transposed) of every GEMM in one training step, as im2col lays them out."""
+    from dtrain.nn.conv import Conv2d
+    from dtrain.nn.linear import Linear
+
+    spec = load_model_spec(name)
+    model = build_model(spec, seed=0)
+    shape, gemms, first = tuple(spec["input_shape"]), [], True
+    for layer in model.layers:
+        if isinstance(layer, Conv2d):
+            f, oh, ow = layer.output_shape(shape)
+            k, cols = layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1], oh * ow * batch
+            gemms += [(f, k, cols, False, False), (f, cols, k, False, True)]  # forward, weight gradient
+            if not first:
+                gemms.append((k, f, cols, True, False))  # input gradient (columns)
+        elif isinstance(layer, Linear):
+            i, o = layer.in_features, layer.out_features
+            gemms += [(batch, i, o, False, True), (o, batch, i, True, False)]
+            if not first:
+                gemms.append((batch, o, i, False, False))
+        if layer.flops(shape):
+            first = False
+        shape = layer.output_shape(shape)
+    return gemms
+
+
+def gemm_floor_gflops(name: str, args: argparse.Namespace) -> float:
+    """The model's training GFLOP/s if its step were only its GEMMs (each timed alone, best of 5)."""
+    rng = np.random.default_rng(0)
+    total = 0.0
+    for m, k, n, ta, tb in model_gemms(name, args.batch):
+        a = rng.standard_normal((k, m) if ta else (m, k)).astype(np.float32)
+        b = rng.standard_normal((n, k) if tb else (k, n)).astype(np.float32)
+        a, b = (a.T if ta else a), (b.T if tb else b)
+        out = np.empty((m, n), np.float32)
+        total += best_time(lambda a=a, b=b, out=out: np.matmul(a, b, out=out))
+    return 3 * step_model_flops(name) * args.batch / total / 1e9
 
 
 def memory_in_child(name: str, framework: str, args: argparse.Namespace) -> dict[str, int]:
