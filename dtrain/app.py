@@ -26,6 +26,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from dtrain.allocator import keep_freed_memory
 from dtrain.backend import resolve_device
 from dtrain.checkpoint import load_checkpoint
 from dtrain.comm import make_communicator
@@ -78,6 +79,8 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         comm.watchdog.post_arrivals_to(run_dir / ".collectives")
     threads = thread_budget(cfg.threads, comm.size)
     set_blas_threads(threads)
+    if not keep_freed_memory():
+        log.info("malloc thresholds unchanged (not glibc): large arrays are mapped afresh every step")
     if cfg.precision.tf32:
         enable_tf32()
     devices = partition_devices(cfg.parallel.row_partition.devices, cfg.parallel.devices_per_rank, device,

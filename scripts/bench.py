@@ -42,6 +42,7 @@ from threadpoolctl import threadpool_limits
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from dtrain.allocator import keep_freed_memory
 from dtrain.backend import synchronize, xp_for
 from dtrain.config import load_model_spec
 from dtrain.export import to_torch_sequential
@@ -74,6 +75,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     threadpool_limits(args.threads, user_api="blas")
+    keep_freed_memory()  # as python -m dtrain does; one process: PyTorch's allocations get it too
     set_tf32(args.tf32 and args.device == "gpu", torch)
     if args.memory_child:
         print(json.dumps(measure_memory(args.model, args.memory_child, args, torch)))

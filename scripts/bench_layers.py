@@ -41,6 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from dtrain.allocator import keep_freed_memory
 from dtrain.nn.conv import Conv2d
 from dtrain.nn.pool import MaxPool2d
 
@@ -145,6 +146,7 @@ def limit_blas_threads(threads: int) -> None:
 def main() -> None:
     torch.set_num_threads(ARGS.threads)
     limit_blas_threads(ARGS.threads)
+    keep_freed_memory()  # as python -m dtrain does (both frameworks share the process)
     cases = alexnet_cases()
     if ARGS.layers:
         wanted = ARGS.layers.split(",")

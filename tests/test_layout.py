@@ -18,7 +18,7 @@ PACKAGE = REPO / "dtrain"
 # each other (the layers know nothing of devices' communication, and vice versa).
 LAYERS = {
     "checks": 0,
-    "backend": 1, "threads": 1, "atomic": 1, "image_grid": 1,
+    "backend": 1, "threads": 1, "atomic": 1, "image_grid": 1, "allocator": 1,
     "nn": 2, "comm": 2, "data": 2,
     "optim": 3, "models": 3,
     "config": 4, "checkpoint": 4, "tensorboard": 4,

@@ -1,14 +1,14 @@
 """CUDA kernels (CuPy ``ElementwiseKernel``) for im2col, col2im and pooling on the GPU.
 
-The CPU path builds these from kh*kw strided array operations (:mod:`dtrain.nn.im2col`,
-:mod:`dtrain.nn.pool`); on a GPU each of those is a kernel launch over the whole
-array, and max pooling needs four per offset. Here every pass is one kernel in which
-each thread computes one output element from its own indices.
+On the CPU, im2col and col2im are kh*kw strided array copies (:mod:`dtrain.nn.im2col`);
+on a GPU each of those would be a kernel launch over the whole array. Here every pass is
+one kernel in which each thread computes one output element from its own indices. The
+pooling kernels have CPU twins with the same API and arithmetic (:mod:`dtrain.nn.cpu_kernels`).
 
 All arrays are in the batch-last (C, H, W, N) order of :mod:`dtrain.nn.layout`, C-contiguous,
 so consecutive threads touch consecutive samples and their loads coalesce. The backward
 kernels *gather* (each input element sums the outputs whose windows contain it, kernel
-offsets in increasing order, like the CPU path) instead of scattering with atomics, so
+offsets in increasing order, like the CPU kernels) instead of scattering with atomics, so
 results are deterministic.
 
 Indices are 64-bit: a batch-512 column matrix of AlexNet's conv2 has 2e8 elements. CuPy
@@ -91,7 +91,7 @@ KERNELS: dict[str, tuple[str, str, str]] = {
     """) + """
         img = (T)acc;
     """),
-    # The first maximum in offset order wins (strict >), like the CPU path and PyTorch;
+    # The first maximum in offset order wins (strict >), like the CPU kernels and PyTorch;
     # padding never wins (it is -inf there).
     "max_pool_forward": ("raw T x", "T y, U arg", _OUTPUT_INDEX + """
         bool found = false;

@@ -1,0 +1,198 @@
+"""CPU kernels (Numba) for pooling: the same passes, with the same API, as :mod:`dtrain.nn.cuda_kernels`.
+
+Pooling built from NumPy operations needs several passes per kernel offset (max pooling:
+a compare, a maximum and an argmax update in forward, a compare, a multiply and an add in
+backward), each streaming its arrays through the cache. Here each pass is one loop nest
+compiled by Numba: forward reads every input once and writes the maxima and the winners'
+offsets; backward *gathers*, each input element summing the gradients of the outputs whose
+window it won, kernel offsets in increasing order, exactly as the CUDA kernels do, so CPU
+and GPU agree bitwise in float32 and float64 and no zeroing pass or scatter is needed.
+The innermost loop runs over the batch (the arrays are batch-last, (C, H, W, N)), which
+the compiler vectorizes.
+
+The kernels release the GIL and take a channel range: :func:`dtrain.nn.blocks.for_blocks`
+spreads channel blocks over the thread budget. Padding is handled by bounds checks (no
+padded copy): padding never wins a maximum, and counts as zero in an average.
+
+Numba has no float16 on the CPU: float16 arrays are computed in float32 and rounded once,
+which is what the CUDA kernels' float32 accumulator does. Compiled code is cached on disk
+(Numba's ``cache=True``), so only the first run on a machine pays the compilation.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from dtrain.nn.blocks import for_blocks
+from dtrain.nn.module import Array
+
+Pair = tuple[int, int]
+
+
+@njit(nogil=True, cache=True)
+def _max_pool_forward(x, kh, kw, sh, sw, ph, pw, y, arg, c0, c1):  # pragma: no cover (compiled)
+    _, height, width, batch = x.shape
+    _, out_h, out_w, _ = y.shape
+    for c in range(c0, c1):
+        for oh in range(out_h):
+            for ow in range(out_w):
+                best = y[c, oh, ow]
+                at = arg[c, oh, ow]
+                found = False
+                for ki in range(kh):
+                    h = oh * sh + ki - ph
+                    if h < 0 or h >= height:
+                        continue
+                    for kj in range(kw):
+                        w = ow * sw + kj - pw
+                        if w < 0 or w >= width:
+                            continue
+                        values = x[c, h, w]
+                        k = ki * kw + kj
+                        if not found:
+                            for n in range(batch):
+                                best[n] = values[n]
+                                at[n] = k
+                            found = True
+                        else:
+                            for n in range(batch):
+                                better = values[n] > best[n]  # strict: the first maximum keeps the win
+                                best[n] = values[n] if better else best[n]
+                                at[n] = k if better else at[n]
+
+
+@njit(nogil=True, cache=True)
+def _max_pool_backward(gy, arg, kh, kw, sh, sw, ph, pw, gx, c0, c1):  # pragma: no cover (compiled)
+    _, height, width, batch = gx.shape
+    _, out_h, out_w, _ = gy.shape
+    for c in range(c0, c1):
+        for h in range(height):
+            for w in range(width):
+                acc = gx[c, h, w]
+                for n in range(batch):
+                    acc[n] = 0
+                for ki in range(kh):  # the outputs whose window holds (h, w) at offset (ki, kj)
+                    hh = h + ph - ki
+                    if hh < 0 or hh % sh != 0 or hh // sh >= out_h:
+                        continue
+                    oh = hh // sh
+                    for kj in range(kw):
+                        ww = w + pw - kj
+                        if ww < 0 or ww % sw != 0 or ww // sw >= out_w:
+                            continue
+                        ow = ww // sw
+                        grad = gy[c, oh, ow]
+                        won = arg[c, oh, ow]
+                        k = ki * kw + kj
+                        for n in range(batch):
+                            if won[n] == k:
+                                acc[n] += grad[n]
+
+
+@njit(nogil=True, cache=True)
+def _avg_pool_forward(x, kh, kw, sh, sw, ph, pw, share, y, c0, c1):  # pragma: no cover (compiled)
+    _, height, width, batch = x.shape
+    _, out_h, out_w, _ = y.shape
+    for c in range(c0, c1):
+        for oh in range(out_h):
+            for ow in range(out_w):
+                acc = y[c, oh, ow]
+                for n in range(batch):
+                    acc[n] = 0
+                for ki in range(kh):
+                    h = oh * sh + ki - ph
+                    if h < 0 or h >= height:
+                        continue
+                    for kj in range(kw):
+                        w = ow * sw + kj - pw
+                        if w < 0 or w >= width:
+                            continue
+                        values = x[c, h, w]
+                        for n in range(batch):
+                            acc[n] += values[n]
+                for n in range(batch):
+                    acc[n] *= share
+
+
+@njit(nogil=True, cache=True)
+def _avg_pool_backward(gy, kh, kw, sh, sw, ph, pw, share, gx, c0, c1):  # pragma: no cover (compiled)
+    _, height, width, batch = gx.shape
+    _, out_h, out_w, _ = gy.shape
+    for c in range(c0, c1):
+        for h in range(height):
+            for w in range(width):
+                acc = gx[c, h, w]
+                for n in range(batch):
+                    acc[n] = 0
+                for ki in range(kh):
+                    hh = h + ph - ki
+                    if hh < 0 or hh % sh != 0 or hh // sh >= out_h:
+                        continue
+                    oh = hh // sh
+                    for kj in range(kw):
+                        ww = w + pw - kj
+                        if ww < 0 or ww % sw != 0 or ww // sw >= out_w:
+                            continue
+                        grad = gy[c, oh, ww // sw]
+                        for n in range(batch):
+                            acc[n] += grad[n] * share
+
+
+def _computable(a: Array) -> Array:
+    """``a`` in a dtype the kernels compile for: float16 goes to float32 (see the module docstring)."""
+    if not a.flags.c_contiguous:
+        raise ValueError(f"cpu_kernels: expected a C-contiguous array, got strides {a.strides} for shape {a.shape}")
+    return a.astype(np.float32) if a.dtype == np.float16 else a
+
+
+def _share(kernel: Pair, dtype: np.dtype) -> np.generic:
+    """1 / (kh*kw) in the arrays' dtype, as the CUDA kernels round it (the kernels multiply in that dtype)."""
+    return dtype.type(1.0 / (kernel[0] * kernel[1]))
+
+
+# Bytes of work per block: a kernel call holds no chain of passes to keep in cache, so blocks
+# only need to be large enough that handing one to another thread pays for itself.
+KERNEL_BLOCK_BYTES = 1 << 20
+
+
+def _per_channel_blocks(kernel, args: tuple, out: Array, bytes_per_channel: int) -> None:
+    """Run ``kernel(*args, c0, c1)`` over channel blocks of ``out`` on the thread budget."""
+    for_blocks(lambda c0, c1: kernel(*args, c0, c1), out.shape[0], bytes_per_channel, out,
+               block_bytes=KERNEL_BLOCK_BYTES)
+
+
+def max_pool_forward(x: Array, kernel: Pair, stride: Pair, padding: Pair, out_hw: Pair, argmax: Array) -> Array:
+    """(C, H, W, N) -> new (C, OH, OW, N) window maxima; ``argmax`` (C, OH, OW, N) gets each winner's offset."""
+    source = _computable(x)
+    y = np.empty(argmax.shape, dtype=source.dtype)
+    _per_channel_blocks(_max_pool_forward, (source, *kernel, *stride, *padding, y, argmax), y,
+                        source[0].nbytes + y[0].nbytes + argmax[0].nbytes)
+    return y.astype(x.dtype, copy=False)
+
+
+def max_pool_backward(grad: Array, argmax: Array, input_chwn: tuple[int, ...], kernel: Pair, stride: Pair,
+                      padding: Pair) -> Array:
+    """(C, OH, OW, N) gradient -> new (C, H, W, N): each output's gradient to its window's winner."""
+    source = _computable(grad)
+    gx = np.empty(input_chwn, dtype=source.dtype)
+    _per_channel_blocks(_max_pool_backward, (source, argmax, *kernel, *stride, *padding, gx), gx,
+                        gx[0].nbytes + source[0].nbytes + argmax[0].nbytes)
+    return gx.astype(grad.dtype, copy=False)
+
+
+def avg_pool_forward(x: Array, kernel: Pair, stride: Pair, padding: Pair, out_hw: Pair) -> Array:
+    """(C, H, W, N) -> new (C, OH, OW, N) window means (padding counts as zeros)."""
+    source = _computable(x)
+    y = np.empty((x.shape[0], *out_hw, x.shape[3]), dtype=source.dtype)
+    args = (source, *kernel, *stride, *padding, _share(kernel, source.dtype), y)
+    _per_channel_blocks(_avg_pool_forward, args, y, source[0].nbytes + y[0].nbytes)
+    return y.astype(x.dtype, copy=False)
+
+
+def avg_pool_backward(grad: Array, input_chwn: tuple[int, ...], kernel: Pair, stride: Pair, padding: Pair) -> Array:
+    """(C, OH, OW, N) gradient -> new (C, H, W, N): each window input gets grad / (kh*kw)."""
+    source = _computable(grad)
+    gx = np.empty(input_chwn, dtype=source.dtype)
+    args = (source, *kernel, *stride, *padding, _share(kernel, source.dtype), gx)
+    _per_channel_blocks(_avg_pool_backward, args, gx, gx[0].nbytes + source[0].nbytes)
+    return gx.astype(grad.dtype, copy=False)
