@@ -88,6 +88,11 @@ def is_gpu_array(x: Any) -> bool:
     return get_array_module(x) is not np
 
 
+def current_device(xp: ModuleType) -> int | None:
+    """Where new ``xp`` arrays are allocated: the current CUDA device's id, None for NumPy."""
+    return None if xp is np else xp.cuda.Device().id
+
+
 def to_device(x: Any, xp: ModuleType, dtype: Any = None) -> Any:
     """Copy (or keep) ``x`` as an array of module ``xp``, optionally casting to ``dtype``."""
     if xp is np:

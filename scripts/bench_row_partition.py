@@ -164,7 +164,7 @@ def bench_step(args: argparse.Namespace) -> None:
 
     def step() -> None:
         loss_fn(model(x), labels)
-        model.backward(loss_fn.backward())
+        model.backward(loss_fn.backward(), input_grad=False)
         for _, layer, key in model.named_parameters():
             layer.params[key] -= 1e-3 * layer.grads[key]
 

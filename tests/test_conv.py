@@ -1,4 +1,5 @@
-"""Conv2d: PyTorch parity, finite differences, im2col/col2im adjointness, workspace reuse, errors."""
+"""Conv2d: PyTorch parity, finite differences, im2col/col2im layout and adjointness, column blocks,
+the skipped input gradient, workspace reuse, errors."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,7 +10,8 @@ from layer_checks import assert_matches_torch, layer_gradcheck
 from dtrain.backend import to_host
 from dtrain.nn import gemm
 from dtrain.nn.conv import Conv2d
-from dtrain.nn.im2col import col2im, im2col
+from dtrain.nn import cpu_kernels
+from dtrain.nn.kernels import kernels_for
 from dtrain.nn.workspace import Workspace
 
 # (batch, in_channels, out_channels, H, W, kernel, stride, padding, bias)
@@ -45,27 +47,80 @@ def test_finite_differences(xp, rng, case):
     layer_gradcheck(layer.to(xp), xp.asarray(x), rng)
 
 
-@pytest.mark.parametrize("kernel,stride,padding", [
-    ((3, 2), (2, 1), (1, 0)), ((1, 1), (2, 2), (0, 0)), ((3, 3), (1, 1), (2, 2)),
-])
-def test_col2im_is_the_adjoint_of_im2col(xp, rng, kernel, stride, padding):
-    # <im2col(x), c> == <x, col2im(c)> for all x, c: the defining property of the pair.
-    x = xp.asarray(rng.normal(size=(2, 3, 6, 5)))
+def reference_cols(x: np.ndarray, kernel, stride, padding, out_hw) -> np.ndarray:
+    """The column matrix by its definition (module docstring of dtrain.nn.im2col), element by element."""
+    n, c, _, _ = x.shape
+    padded = np.pad(x, ((0, 0), (0, 0), (padding[0],) * 2, (padding[1],) * 2))
+    cols = np.empty((c, *kernel, *out_hw, n), dtype=x.dtype)
+    for ci, i, j, oh, ow, ni in np.ndindex(cols.shape):
+        cols[ci, i, j, oh, ow, ni] = padded[ni, ci, oh * stride[0] + i, ow * stride[1] + j]
+    return cols.reshape(c * kernel[0] * kernel[1], -1)
+
+
+GEOMETRIES = [((3, 2), (2, 1), (1, 0)), ((1, 1), (2, 2), (0, 0)), ((3, 3), (1, 1), (2, 2)), ((2, 3), (1, 2), (1, 1))]
+
+
+@pytest.mark.parametrize("kernel,stride,padding", GEOMETRIES)
+def test_im2col_blocks_hold_the_defined_columns_and_col2im_is_their_adjoint(xp, rng, kernel, stride, padding):
+    x = rng.normal(size=(2, 3, 6, 5))
     oh = (6 + 2 * padding[0] - kernel[0]) // stride[0] + 1
     ow = (5 + 2 * padding[1] - kernel[1]) // stride[1] + 1
-    cols = im2col(x, kernel, stride, padding, (oh, ow), Workspace())
-    c = xp.asarray(rng.normal(size=cols.shape))
-    back = col2im(c, x.shape, kernel, stride, padding, (oh, ow))
-    np.testing.assert_allclose(float((cols * c).sum()), float((x * back).sum()), rtol=1e-12)
+    expected = reference_cols(x, kernel, stride, padding, (oh, ow))
+    source = xp.asarray(np.ascontiguousarray(x.transpose(1, 2, 3, 0)))
+    kernels = kernels_for(source)
+    rows, n = expected.shape[0], 2
+    for first, count in [(0, oh * ow), (0, 1), (oh * ow - 2, 2), (1, oh * ow - 2)]:  # whole, and blocks
+        cols = xp.empty((rows, count * n))
+        kernels.im2col(source, kernel, stride, padding, (oh, ow), cols, first)
+        np.testing.assert_array_equal(to_host(cols), expected[:, first * n:(first + count) * n])
+        # <im2col(x), c> == <x, col2im(c)> for all x, c: the defining property of the pair.
+        c = rng.normal(size=(rows, count * n))
+        back = xp.zeros(source.shape)
+        kernels.col2im_add(xp.asarray(c), back, kernel, stride, padding, (oh, ow), first)
+        np.testing.assert_allclose(float((expected[:, first * n:(first + count) * n] * c).sum()),
+                                   float((to_host(source) * to_host(back)).sum()), rtol=1e-12)
 
 
-def test_im2col_layout(rng):
-    x = rng.normal(size=(2, 3, 4, 5))
-    cols = im2col(x, (2, 3), (1, 2), (1, 0), (5, 2), Workspace())
-    padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (0, 0)))
-    blocks = cols.reshape(3, 2, 3, 5, 2, 2)  # (c, i, j, oh, ow, n)
-    for c, i, j, oh, ow, n in [(0, 0, 0, 0, 0, 0), (2, 1, 2, 4, 1, 1), (1, 0, 1, 2, 1, 0)]:
-        assert blocks[c, i, j, oh, ow, n] == padded[n, c, oh + i, 2 * ow + j]
+def test_col2im_adds_to_what_is_there(rng):
+    source = np.ascontiguousarray(rng.normal(size=(2, 4, 4, 3)))
+    cols = rng.normal(size=(2 * 9, 16 * 3))
+    once = cpu_kernels.col2im_add(cols, np.zeros_like(source), (3, 3), (1, 1), (1, 1), (4, 4))
+    twice = cpu_kernels.col2im_add(cols, once.copy(), (3, 3), (1, 1), (1, 1), (4, 4))
+    np.testing.assert_allclose(twice, 2 * once, rtol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_results_do_not_depend_on_the_column_block_size(monkeypatch, rng, dtype):
+    # Blocks of a few pixels (many blocks, the weight gradient summed over them) against one
+    # block: the same convolution to rounding, and both against PyTorch.
+    layer = Conv2d(3, 4, 3, stride=1, padding=1, rng=rng, dtype=dtype)
+    x, g = rng.normal(size=(2, 3, 7, 6)).astype(dtype), rng.normal(size=(2, 4, 7, 6)).astype(dtype)
+    results = {}
+    for block_bytes in (3 * 9 * 2 * np.dtype(dtype).itemsize * 5, 1 << 30):  # 5 pixels a block; everything
+        monkeypatch.setattr(cpu_kernels, "COLUMN_BLOCK_BYTES", block_bytes)
+        y = layer.forward(x).copy()
+        dx = layer.backward(g).copy()
+        results[block_bytes] = (y, dx, layer.grads["weight"].copy(), layer.grads["bias"].copy())
+    small, whole = results.values()
+    tol = 1e-12 if dtype == np.float64 else 2e-5
+    for a, b in zip(small, whole):
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
+    xt = torch.tensor(x, requires_grad=True)
+    wt = torch.tensor(layer.params["weight"], requires_grad=True)
+    torch.nn.functional.conv2d(xt, wt, torch.tensor(layer.params["bias"]), padding=1).backward(torch.tensor(g))
+    np.testing.assert_allclose(small[2], wt.grad.numpy(), rtol=tol * 10, atol=tol * 10)
+    np.testing.assert_allclose(small[1], xt.grad.numpy(), rtol=tol * 10, atol=tol * 10)
+
+
+def test_the_input_gradient_can_be_skipped(rng):
+    layer = Conv2d(2, 3, 3, padding=1, rng=rng, dtype=np.float64)
+    x, g = rng.normal(size=(2, 2, 5, 5)), rng.normal(size=(2, 3, 5, 5))
+    layer.forward(x)
+    layer.backward(g)
+    weight_grad = layer.grads["weight"].copy()
+    layer.forward(x)
+    assert layer.backward(g, input_grad=False) is None
+    np.testing.assert_array_equal(layer.grads["weight"], weight_grad)
 
 
 @pytest.mark.blas
@@ -128,7 +183,7 @@ def test_all_gemms_go_through_gemm_matmul(rng):
         layer.backward(np.ones((5, 4, 4, 4)))
     finally:
         gemm.set_partitioner(None)
-    m = 5 * 4 * 4
+    m = 5 * 4 * 4  # one block of columns at this size
     assert calls == [((4, 18), (18, m)), ((4, m), (m, 18)), ((18, 4), (4, m))]
 
 

@@ -1,4 +1,4 @@
-"""The CUDA kernels of dtrain.nn.cuda_kernels against the CPU path, in float64, float32 and float16.
+"""The CUDA kernels of dtrain.nn.cuda_kernels against the CPU kernels, in float64, float32 and float16.
 
 Without a GPU, the kernels' bodies (plain index arithmetic) and their accumulator
 preamble are compiled with the host's C++ compiler into a loop over the element index
@@ -15,9 +15,8 @@ import numpy as np
 import pytest
 
 from dtrain.backend import gpu_available
-from dtrain.nn import AvgPool2d, MaxPool2d, cuda_kernels
-from dtrain.nn.im2col import col2im, im2col, sliding_output_hw
-from dtrain.nn.workspace import Workspace
+from dtrain.nn import AvgPool2d, MaxPool2d, cpu_kernels, cuda_kernels
+from dtrain.nn.im2col import sliding_output_hw
 
 # The arrays' dtype T -> its C++ type on the host (GCC's _Float16 for float16).
 HOST_TYPES = {np.float64: "double", np.float32: "float", np.float16: "float16"}
@@ -58,12 +57,12 @@ def c_kernels(tmp_path_factory):
         src = ["typedef _Float16 float16;", f"typedef {ctype} T;", "typedef unsigned char U;",
                cuda_kernels.ACCUMULATOR_PREAMBLE]
         for name, (inputs, outputs, body) in cuda_kernels.KERNELS.items():
-            ins = _params(f"{inputs}, {cuda_kernels._GEOMETRY}")
+            ins = _params(inputs)
             outs = _params(outputs)
             types = {"T": "T", "A": "A", **PARAM_TYPES}
             args = [f"const {types[t]}* {n}" if raw else f"{types[t]} {n}" for t, n, raw in ins]
             args += [f"{types[t]}* {n}_out" for t, n, _ in outs]
-            declare = " ".join(f"{types[t]} {n};" for t, n, _ in outs)
+            declare = " ".join(f"{types[t]} {n} = {n}_out[i];" for t, n, _ in outs)  # outputs may be read (col2im adds)
             store = " ".join(f"{n}_out[i] = {n};" for _, n, _ in outs)
             src.append(f'extern "C" void {name}(long long size, {", ".join(args)}) {{\n'
                        f"  for (long long i = 0; i < size; ++i) {{ {declare}\n{body}\n {store} }}\n}}")
@@ -105,24 +104,32 @@ def _data(rng, shape, dtype) -> np.ndarray:
     return rng.normal(size=shape).astype(dtype)
 
 
-# Every dtype: float64 and float32 against the CPU path in the same dtype; float16 against the
-# CPU path in float32 (the kernels' accumulator) rounded to float16 once, as the kernels do.
-# Copies, maxima and sums of the same terms in the same order give the same bits.
+# Every dtype: float64 and float32 against the CPU kernels in the same dtype; float16 against
+# the CPU kernels in float32 (the kernels' accumulator) rounded to float16 once, as the CUDA
+# kernels do. Copies, maxima and sums of the same terms in the same order give the same bits.
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape, kernel, stride, padding", CASES)
-def test_im2col_and_col2im_bodies_match_the_cpu_path(c_kernels, rng, dtype, shape, kernel, stride, padding):
-    x = _data(rng, shape, dtype)
+def test_im2col_and_col2im_bodies_match_the_cpu_kernels(c_kernels, rng, dtype, shape, kernel, stride, padding):
+    x = _chwn(_data(rng, shape, dtype))
     out_hw, geometry = _geometry(shape, kernel, stride, padding)
-    expected = im2col(x, kernel, stride, padding, out_hw, Workspace())
-    cols = np.empty_like(expected)
-    c_kernels(dtype, "im2col", [_chwn(x)], geometry, [cols])
-    np.testing.assert_array_equal(cols, expected)
+    rows, n, pixels = shape[1] * kernel[0] * kernel[1], shape[0], out_hw[0] * out_hw[1]
+    for first, count in [(0, pixels), (1, pixels // 2), (pixels - 1, 1)]:  # all columns, and blocks
+        expected = np.empty((rows, count * n), dtype=_work(dtype))
+        cpu_kernels.im2col(x.astype(_work(dtype)), kernel, stride, padding, out_hw, expected, first)
+        cols = np.empty((rows, count * n), dtype=dtype)
+        c_kernels(dtype, "im2col", [x], (*geometry, first, count), [cols])
+        np.testing.assert_array_equal(cols, expected.astype(dtype))
 
-    g = _data(rng, cols.shape, dtype)
-    expected_img = col2im(g.astype(_work(dtype)), shape, kernel, stride, padding, out_hw).astype(dtype)
-    img = np.empty(_chwn(x).shape, dtype=dtype)
-    c_kernels(dtype, "col2im", [g], geometry, [img])
-    np.testing.assert_array_equal(img, _chwn(expected_img))
+        g = _data(rng, cols.shape, dtype)
+        expected_img = cpu_kernels.col2im_add(g.astype(_work(dtype)), np.zeros(x.shape, _work(dtype)), kernel,
+                                              stride, padding, out_hw, first).astype(dtype)
+        img = np.zeros(x.shape, dtype=dtype)
+        c_kernels(dtype, "col2im", [g], (*geometry, first, count), [img])
+        np.testing.assert_array_equal(img, expected_img)
+        # col2im adds to what the image holds: a second block on top of the first
+        c_kernels(dtype, "col2im", [g], (*geometry, first, count), [img])
+        np.testing.assert_allclose(img.astype(np.float64), 2 * expected_img.astype(np.float64),
+                                   rtol=float(np.finfo(dtype).eps) * 4)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -171,21 +178,22 @@ def test_avg_pool_bodies_match_the_cpu_path(c_kernels, rng, dtype, shape, kernel
 @pytest.mark.skipif(not gpu_available(), reason="CuPy or a CUDA device is missing")
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape, kernel, stride, padding", CASES)
-def test_cupy_kernels_match_the_cpu_path(rng, dtype, shape, kernel, stride, padding):
+def test_cupy_kernels_match_the_cpu_kernels(rng, dtype, shape, kernel, stride, padding):
     import cupy
 
-    x = rng.normal(size=shape).astype(dtype)
+    x = _chwn(rng.normal(size=shape).astype(dtype))
     out_hw, _ = _geometry(shape, kernel, stride, padding)
-    cols = cupy.empty((shape[1] * kernel[0] * kernel[1], out_hw[0] * out_hw[1] * shape[0]), dtype=dtype)
-    cuda_kernels.im2col(cupy.asarray(_chwn(x)), kernel, stride, padding, out_hw, cols)
-    expected = im2col(x, kernel, stride, padding, out_hw, Workspace())
-    np.testing.assert_array_equal(cupy.asnumpy(cols), expected)
-    img = cuda_kernels.col2im(cols, _chwn(x).shape, kernel, stride, padding, out_hw)
-    expected_img = col2im(expected.copy(), shape, kernel, stride, padding, out_hw)
-    np.testing.assert_allclose(cupy.asnumpy(img), _chwn(expected_img), rtol=1e-6 if dtype == np.float32 else 1e-13)
+    cols = np.empty((shape[1] * kernel[0] * kernel[1], out_hw[0] * out_hw[1] * shape[0]), dtype=dtype)
+    cpu_kernels.im2col(x, kernel, stride, padding, out_hw, cols)
+    gpu_cols = cuda_kernels.im2col(cupy.asarray(x), kernel, stride, padding, out_hw, cupy.empty_like(cupy.asarray(cols)))
+    np.testing.assert_array_equal(cupy.asnumpy(gpu_cols), cols)
+    img = cuda_kernels.col2im_add(gpu_cols, cupy.zeros(x.shape, dtype), kernel, stride, padding, out_hw)
+    expected_img = cpu_kernels.col2im_add(cols, np.zeros(x.shape, dtype), kernel, stride, padding, out_hw)
+    np.testing.assert_array_equal(cupy.asnumpy(img), expected_img)
+    nchw = x.transpose(3, 0, 1, 2)
     for cls in (MaxPool2d, AvgPool2d):
         cpu, gpu = cls(kernel, stride, padding), cls(kernel, stride, padding)
-        y_cpu, y_gpu = cpu.forward(x), gpu.forward(cupy.asarray(x))
+        y_cpu, y_gpu = cpu.forward(nchw), gpu.forward(cupy.asarray(nchw))
         np.testing.assert_allclose(cupy.asnumpy(y_gpu), y_cpu, rtol=1e-6)
         g = rng.normal(size=y_cpu.shape).astype(dtype)
         np.testing.assert_allclose(cupy.asnumpy(gpu.backward(cupy.asarray(g))), cpu.backward(g.copy()), rtol=1e-6)
@@ -197,18 +205,20 @@ def test_cupy_kernels_match_the_cpu_path(rng, dtype, shape, kernel, stride, padd
 def test_cupy_kernels_take_float16_and_accumulate_in_float32(rng, shape, kernel, stride, padding):
     import cupy
 
-    x = rng.normal(size=shape).astype(np.float16)
+    x = _chwn(rng.normal(size=shape).astype(np.float16))
     reference = x.astype(np.float32)
     out_hw, _ = _geometry(shape, kernel, stride, padding)
     cols = cupy.empty((shape[1] * kernel[0] * kernel[1], out_hw[0] * out_hw[1] * shape[0]), dtype=np.float16)
-    cuda_kernels.im2col(cupy.asarray(_chwn(x)), kernel, stride, padding, out_hw, cols)
-    expected = im2col(reference, kernel, stride, padding, out_hw, Workspace())
+    cuda_kernels.im2col(cupy.asarray(x), kernel, stride, padding, out_hw, cols)
+    expected = np.empty(cols.shape, np.float32)
+    cpu_kernels.im2col(reference, kernel, stride, padding, out_hw, expected)
     np.testing.assert_array_equal(cupy.asnumpy(cols).astype(np.float32), expected)
-    img = cuda_kernels.col2im(cols, _chwn(x).shape, kernel, stride, padding, out_hw)
-    expected_img = col2im(expected.copy(), shape, kernel, stride, padding, out_hw)
-    np.testing.assert_allclose(cupy.asnumpy(img).astype(np.float32), _chwn(expected_img), rtol=2e-3, atol=2e-3)
+    img = cuda_kernels.col2im_add(cols, cupy.zeros(x.shape, np.float16), kernel, stride, padding, out_hw)
+    expected_img = cpu_kernels.col2im_add(expected, np.zeros(x.shape, np.float32), kernel, stride, padding, out_hw)
+    np.testing.assert_allclose(cupy.asnumpy(img).astype(np.float32), expected_img, rtol=2e-3, atol=2e-3)
+    nchw = x.transpose(3, 0, 1, 2)
     for cls in (MaxPool2d, AvgPool2d):
         cpu, gpu = cls(kernel, stride, padding), cls(kernel, stride, padding)
-        y_cpu, y_gpu = cpu.forward(reference), gpu.forward(cupy.asarray(x))
+        y_cpu, y_gpu = cpu.forward(reference.transpose(3, 0, 1, 2)), gpu.forward(cupy.asarray(nchw))
         assert y_gpu.dtype == np.float16
         np.testing.assert_allclose(cupy.asnumpy(y_gpu).astype(np.float32), y_cpu, rtol=2e-3, atol=2e-3)

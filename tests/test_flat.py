@@ -22,7 +22,7 @@ class TinyAffine(Module):
         self._x = x
         return x @ self.params["weight"] + self.params["bias"]
 
-    def backward(self, grad_out):
+    def backward(self, grad_out, input_grad=True):
         xp = get_array_module(grad_out)
         xp.matmul(self._x.T, grad_out, out=self.grads["weight"])
         self.grads["bias"][...] = grad_out.sum(axis=0)

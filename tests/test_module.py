@@ -26,7 +26,7 @@ class Recorder(Module):
         self.log.append(("forward", self.name))
         return x + self.offset
 
-    def backward(self, grad_out):
+    def backward(self, grad_out, input_grad=True):
         self.log.append(("backward", self.name))
         return grad_out * 2
 
@@ -45,6 +45,30 @@ def test_forward_and_backward_order_and_hooks():
         ("backward", "a"), ("hook", 0, "a"),
     ]
     assert model[1] is layers[1] and len(model) == 3
+
+
+def test_without_the_input_gradient_backward_stops_at_the_first_layer_with_parameters(rng):
+    from dtrain.nn.flatten import Flatten
+
+    log: list = []
+    front = Recorder("front", log, 0.0)  # no parameters, before the first that has some
+    model = Sequential(front, Flatten(), Linear(4, 3, rng=rng, dtype=np.float64), ReLU(),
+                       Linear(3, 2, rng=rng, dtype=np.float64))
+    hooks: list = []
+    model.register_backward_hook(lambda i, layer: hooks.append(i))
+    x, g = rng.normal(size=(5, 2, 2)), rng.normal(size=(5, 2))
+    model.forward(x)
+    full = model.backward(g.copy())
+    grads = [{k: v.copy() for k, v in model[i].grads.items()} for i in (2, 4)]
+    log.clear()
+    hooks.clear()
+    model.forward(x)
+    assert model.backward(g.copy(), input_grad=False) is None
+    assert ("backward", "front") not in log and hooks == [4, 3, 2, 1, 0]  # every hook still runs
+    for i, expected in zip((2, 4), grads):
+        for key, grad in model[i].grads.items():
+            np.testing.assert_array_equal(grad, expected[key])
+    assert full.shape == (5, 2, 2)
 
 
 def test_hook_sees_the_layer_gradients_already_written(rng):

@@ -29,7 +29,7 @@ class ReLU(_Elementwise):
         self._cache = x > 0
         return xp.maximum(x, 0)
 
-    def backward(self, grad_out: Array) -> Array:
+    def backward(self, grad_out: Array, input_grad: bool = True) -> Array:
         xp = get_array_module(grad_out)
         # A multiply by the boolean mask: in place, and much faster than xp.where on the host.
         return xp.multiply(grad_out, self._cached(), out=grad_out)
@@ -47,7 +47,7 @@ class LeakyReLU(_Elementwise):
         self._cache = x > 0
         return xp.where(self._cache, x, x * self.negative_slope)
 
-    def backward(self, grad_out: Array) -> Array:
+    def backward(self, grad_out: Array, input_grad: bool = True) -> Array:
         xp = get_array_module(grad_out)
         return xp.where(self._cached(), grad_out, grad_out * self.negative_slope)
 
@@ -63,7 +63,7 @@ class Tanh(_Elementwise):
         self._cache = xp.tanh(x)
         return self._cache
 
-    def backward(self, grad_out: Array) -> Array:
+    def backward(self, grad_out: Array, input_grad: bool = True) -> Array:
         y = self._cached()
         return grad_out * (1 - y * y)
 
@@ -77,6 +77,6 @@ class Sigmoid(_Elementwise):
         self._cache = xp.where(x >= 0, 1 / (1 + z), z / (1 + z))
         return self._cache
 
-    def backward(self, grad_out: Array) -> Array:
+    def backward(self, grad_out: Array, input_grad: bool = True) -> Array:
         y = self._cached()
         return grad_out * y * (1 - y)

@@ -165,7 +165,7 @@ class _BatchNorm(Module):
             return self._forward(x.astype(np.float32)).astype(np.float16)
         return self._forward(x)
 
-    def backward(self, grad_out: Array) -> Array:
+    def backward(self, grad_out: Array, input_grad: bool = True) -> Array:
         """Gradient w.r.t. the input; writes the (local) weight and bias gradients in place
         (computed in float32 for a float16 ``grad_out``, like the forward pass)."""
         if self._cache is None:

@@ -1,6 +1,7 @@
 """2-D convolution (PyTorch's ``nn.Conv2d`` without dilation and groups), via im2col + GEMM."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -10,21 +11,24 @@ from dtrain.checks import check_int
 from dtrain.nn.blocks import for_blocks
 from dtrain.nn.checks import check_dim, check_dtype, check_rank, pair
 from dtrain.nn.gemm import matmul
-from dtrain.nn.im2col import col2im, im2col, sliding_output_hw
+from dtrain.nn.im2col import pixel_blocks, sliding_output_hw
 from dtrain.nn.init import bias_uniform, initialize
+from dtrain.nn.kernels import kernels_for
 from dtrain.nn.layout import as_nchw, batch_last
 from dtrain.nn.module import Array, Module, Shape
-from dtrain.nn.workspace import Workspace
+from dtrain.nn.workspace import Workspace, shared_scratch
 
 
 class Conv2d(Module):
     """Cross-correlation of (N, C, H, W) with ``weight`` (F, C, kh, kw) plus ``bias`` (F,) -> (N, F, OH, OW).
 
-    ``OH = (H + 2*padding - kh) // stride + 1`` (likewise OW). Forward is one GEMM
-    ``weight.reshape(F, C*kh*kw) @ cols`` on the im2col matrix (see
-    :mod:`dtrain.nn.im2col` for its layout); backward is two GEMMs (weight gradient,
-    written into ``grads["weight"]`` in place, and column gradient) and col2im. All GEMMs
-    go through :func:`dtrain.nn.gemm.matmul`.
+    ``OH = (H + 2*padding - kh) // stride + 1`` (likewise OW). The products run block by
+    block of output pixels (see :mod:`dtrain.nn.im2col` for the column layout and the
+    blocks): forward is ``weight.reshape(F, C*kh*kw) @ cols`` per block; backward builds
+    each block's columns again from the input that forward kept, adds ``dY @ cols.T`` into
+    the weight gradient (written into ``grads["weight"]`` in place) and, unless the input
+    gradient is not wanted, multiplies ``weight.T @ dY`` and adds it back with col2im. All
+    GEMMs go through :func:`dtrain.nn.gemm.matmul`.
     """
 
     def __init__(
@@ -60,19 +64,25 @@ class Conv2d(Module):
             fan_in = in_channels * self.kernel_size[0] * self.kernel_size[1]
             self.register_param("bias", bias_uniform(rng, fan_in, out_channels).astype(dtype))
         self._workspace = Workspace()
-        # (input shape, im2col matrix) from the last forward; backward consumes it.
-        self._saved: tuple[Shape, Array] | None = None
+        # The batch-last (C, H, W, N) input of the last forward; backward consumes it.
+        self._saved: Array | None = None
 
     def forward(self, x: Array) -> Array:
-        """(N, C, H, W) -> (N, F, OH, OW), a view of new batch-last memory (see :mod:`dtrain.nn.layout`)."""
+        """(N, C, H, W) -> (N, F, OH, OW), a view of new batch-last memory (see :mod:`dtrain.nn.layout`).
+
+        Keeps the input for backward: ``x`` itself when it is batch-last (as every dtrain
+        layer returns it; it must not change before backward), else a batch-last copy.
+        """
         check_rank(self, x, 4, "N, C, H, W")
         check_dtype(self, x, self.params["weight"].dtype)
         f, oh, ow = self.output_shape(x.shape[1:])
         xp = get_array_module(x)
         n = x.shape[0]
-        cols = im2col(x, self.kernel_size, self.stride, self.padding, (oh, ow), self._workspace)
+        source = batch_last(x, self._workspace, "input")
         y = xp.empty((f, oh * ow * n), dtype=x.dtype)  # new memory: the caller keeps it
-        matmul(self._weight_matrix(), cols, out=y)
+        weight = self._weight_matrix()
+        for first, cols in self._column_blocks(source, (oh, ow)):
+            matmul(weight, cols, out=y[:, first * n:first * n + cols.shape[1]])
         if self.has_bias:
             bias = self.params["bias"].reshape(f, 1)
 
@@ -80,33 +90,59 @@ class Conv2d(Module):
                 y[start:stop] += bias[start:stop]
 
             for_blocks(add_bias, f, y[0].nbytes, y)
-        self._saved = (tuple(x.shape), cols)
+        self._saved = source
         return as_nchw(y.reshape(f, oh, ow, n))
 
-    def backward(self, grad_out: Array) -> Array:
+    def backward(self, grad_out: Array, input_grad: bool = True) -> Array | None:
         """(N, F, OH, OW) -> (N, C, H, W); writes the weight and bias gradients in place.
 
-        The input gradient is a view of new batch-last memory. The column matrix cached by
-        ``forward`` is overwritten with its gradient, so each ``forward`` supports exactly
-        one ``backward``.
+        The input gradient is a view of new batch-last memory; with ``input_grad=False``
+        it is not computed (the first layer's: nobody needs it) and None is returned.
+        Each ``forward`` supports exactly one ``backward``.
         """
         if self._saved is None:
             raise RuntimeError(f"{self!r}: backward needs a forward first (each forward supports one backward)")
         check_rank(self, grad_out, 4, "N, F, OH, OW")
-        (input_shape, cols), self._saved = self._saved, None
-        n, f, oh, ow = grad_out.shape
-        expected = (input_shape[0], *self.output_shape(input_shape[1:]))
+        source, self._saved = self._saved, None
+        c, h, w, n = source.shape
+        expected = (n, *self.output_shape((c, h, w)))
         if tuple(grad_out.shape) != expected:
             raise ValueError(f"{self!r}: grad_out has shape {tuple(grad_out.shape)}, the forward output was {expected}")
         xp = get_array_module(grad_out)
+        _, f, oh, ow = grad_out.shape
         # (F, OH*OW*N): grad_out's own memory when it is batch-last, as ReLU and pooling leave it.
-        g_cols = batch_last(grad_out, self._workspace, "g_cols").reshape(f, oh * ow * n)
+        g = batch_last(grad_out, self._workspace, "g_cols").reshape(f, oh * ow * n)
         if self.has_bias:
-            xp.sum(g_cols, axis=1, out=self.grads["bias"])
-        matmul(g_cols, cols.T, out=self._weight_grad_matrix())
-        # The weight gradient was the last use of the columns: reuse their memory.
-        matmul(self._weight_matrix().T, g_cols, out=cols)
-        return col2im(cols, input_shape, self.kernel_size, self.stride, self.padding, (oh, ow))
+            xp.sum(g, axis=1, out=self.grads["bias"])
+        weight, weight_grad = self._weight_matrix(), self._weight_grad_matrix()
+        grad_in = xp.zeros(source.shape, dtype=source.dtype) if input_grad else None
+        kernels = kernels_for(source)
+        for index, (first, cols) in enumerate(self._column_blocks(source, (oh, ow))):
+            g_block = g[:, first * n:first * n + cols.shape[1]]
+            if index == 0:
+                matmul(g_block, cols.T, out=weight_grad)
+            else:  # BLAS cannot accumulate through NumPy/CuPy: one small product, then an add
+                partial = self._workspace.get("weight_grad_block", weight_grad.shape, weight_grad.dtype, xp)
+                matmul(g_block, cols.T, out=partial)
+                weight_grad += partial
+            if grad_in is not None:
+                matmul(weight.T, g_block, out=cols)  # the block's columns are used up: reuse them
+                kernels.col2im_add(cols, grad_in, self.kernel_size, self.stride, self.padding, (oh, ow), first)
+        return None if grad_in is None else as_nchw(grad_in)
+
+    def _column_blocks(self, source: Array, out_hw: tuple[int, int]) -> Iterator[tuple[int, Array]]:
+        """``(first pixel, cols)`` for each block of output pixels: the block's (C*kh*kw, P*N)
+        columns of the batch-last input ``source``, in the thread's shared im2col buffer."""
+        c, _, _, n = source.shape
+        kernels = kernels_for(source)
+        rows = c * self.kernel_size[0] * self.kernel_size[1]
+        blocks = list(pixel_blocks(out_hw[0] * out_hw[1], rows * n * source.itemsize, kernels.COLUMN_BLOCK_BYTES))
+        largest = max(count for _, count in blocks)
+        buffer = shared_scratch("im2col", rows * largest * n, source.dtype, get_array_module(source))
+        for first, count in blocks:
+            cols = buffer[:rows * count * n].reshape(rows, count * n)
+            kernels.im2col(source, self.kernel_size, self.stride, self.padding, out_hw, cols, first)
+            yield first, cols
 
     def _weight_matrix(self) -> Array:
         """The weight as an (F, C*kh*kw) view whose columns match the im2col rows."""

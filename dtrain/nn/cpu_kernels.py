@@ -1,18 +1,19 @@
-"""CPU kernels (Numba) for pooling: the same passes, with the same API, as :mod:`dtrain.nn.cuda_kernels`.
+"""CPU kernels (Numba) for im2col, col2im and pooling: the API and arithmetic of :mod:`dtrain.nn.cuda_kernels`.
 
-Pooling built from NumPy operations needs several passes per kernel offset (max pooling:
-a compare, a maximum and an argmax update in forward, a compare, a multiply and an add in
-backward), each streaming its arrays through the cache. Here each pass is one loop nest
-compiled by Numba: forward reads every input once and writes the maxima and the winners'
-offsets; backward *gathers*, each input element summing the gradients of the outputs whose
-window it won, kernel offsets in increasing order, exactly as the CUDA kernels do, so CPU
-and GPU agree bitwise in float32 and float64 and no zeroing pass or scatter is needed.
-The innermost loop runs over the batch (the arrays are batch-last, (C, H, W, N)), which
-the compiler vectorizes.
+Built from NumPy operations, these passes need several array operations per kernel
+offset (max pooling: a compare, a maximum and an argmax update in forward, a compare, a
+multiply and an add in backward), each streaming its arrays through the cache. Here each
+pass is one loop nest compiled by Numba. im2col fills a block of columns (a range of
+output pixels, see :mod:`dtrain.nn.im2col`) straight from the unpadded input, writing
+zeros where a window reaches into the padding; col2im adds such a block back. Pooling
+forward reads every input once and writes the maxima and the winners' offsets; backward
+*gathers*, each input element summing the gradients of the outputs whose window it won,
+kernel offsets in increasing order, as the CUDA kernels do, so CPU and GPU agree bitwise
+in float32 and float64 and no zeroing pass or scatter is needed. The innermost loop runs
+over the batch (the arrays are batch-last, (C, H, W, N)), which the compiler vectorizes.
 
 The kernels release the GIL and take a channel range: :func:`dtrain.nn.blocks.for_blocks`
-spreads channel blocks over the thread budget. Padding is handled by bounds checks (no
-padded copy): padding never wins a maximum, and counts as zero in an average.
+spreads channel blocks over the thread budget.
 
 Numba has no float16 on the CPU: float16 arrays are computed in float32 and rounded once,
 which is what the CUDA kernels' float32 accumulator does. Compiled code is cached on disk
@@ -27,6 +28,102 @@ from dtrain.nn.blocks import for_blocks
 from dtrain.nn.module import Array
 
 Pair = tuple[int, int]
+
+
+# Bytes of one block of im2col columns (:mod:`dtrain.nn.conv` multiplies block by block):
+# small enough to stay in the last-level cache between im2col and its GEMM, large enough
+# for the GEMM to run at full speed.
+COLUMN_BLOCK_BYTES = 16 << 20
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _row_runs(p, last, out_w, sw, kj, pw, width):  # pragma: no cover (compiled)
+    """For the block's pixels from ``p`` (stopping at ``last``) in one output row: that row's
+    index, its pixels ``ow0 .. ow1-1``, and the part ``lo .. hi-1`` of them whose input column
+    ``ow*sw + kj - pw`` lies inside the image (the rest read padding)."""
+    oh = p // out_w
+    ow0 = p - oh * out_w
+    ow1 = min(out_w, ow0 + (last - p))
+    lo = max(ow0, (pw - kj + sw - 1) // sw) if pw > kj else ow0
+    hi = max(lo, min(ow1, (width - 1 + pw - kj) // sw + 1))
+    return oh, ow0, ow1, lo, hi
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _copy(target, source):  # pragma: no cover (compiled)
+    # An explicit loop over two 1-D views: compiled to a vectorized copy, unlike slice assignment.
+    for i in range(target.shape[0]):
+        target[i] = source[i]
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _zero(target):  # pragma: no cover (compiled)
+    for i in range(target.shape[0]):
+        target[i] = 0
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _add(target, source):  # pragma: no cover (compiled)
+    for i in range(target.shape[0]):
+        target[i] += source[i]
+
+
+@njit(nogil=True, cache=True)
+def _im2col(x, kh, kw, sh, sw, ph, pw, out_w, first, cols, c0, c1):  # pragma: no cover (compiled)
+    _, height, width, batch = x.shape
+    flat = x.reshape(-1)
+    last = first + cols.shape[1] // batch
+    for c in range(c0, c1):
+        for ki in range(kh):
+            for kj in range(kw):
+                row = cols[(c * kh + ki) * kw + kj]
+                p = first
+                while p < last:  # one output row at a time: with stride 1 its inputs are one run
+                    oh, ow0, ow1, lo, hi = _row_runs(p, last, out_w, sw, kj, pw, width)
+                    h = oh * sh + ki - ph
+                    at = (p - first) * batch
+                    if h < 0 or h >= height:
+                        _zero(row[at:at + (ow1 - ow0) * batch])
+                    else:
+                        _zero(row[at:at + (lo - ow0) * batch])
+                        if sw == 1:
+                            src = ((c * height + h) * width + lo + kj - pw) * batch
+                            dst = at + (lo - ow0) * batch
+                            _copy(row[dst:dst + (hi - lo) * batch], flat[src:src + (hi - lo) * batch])
+                        else:
+                            for ow in range(lo, hi):
+                                src = ((c * height + h) * width + ow * sw + kj - pw) * batch
+                                dst = at + (ow - ow0) * batch
+                                _copy(row[dst:dst + batch], flat[src:src + batch])
+                        _zero(row[at + (hi - ow0) * batch:at + (ow1 - ow0) * batch])
+                    p += ow1 - ow0
+
+
+@njit(nogil=True, cache=True)
+def _col2im_add(cols, kh, kw, sh, sw, ph, pw, out_w, first, img, c0, c1):  # pragma: no cover (compiled)
+    _, height, width, batch = img.shape
+    flat = img.reshape(-1)
+    last = first + cols.shape[1] // batch
+    for c in range(c0, c1):
+        for ki in range(kh):  # offsets in increasing order: each input sums them in that order
+            for kj in range(kw):
+                row = cols[(c * kh + ki) * kw + kj]
+                p = first
+                while p < last:
+                    oh, ow0, ow1, lo, hi = _row_runs(p, last, out_w, sw, kj, pw, width)
+                    h = oh * sh + ki - ph
+                    at = (p - first) * batch
+                    if 0 <= h < height:
+                        if sw == 1:
+                            dst = ((c * height + h) * width + lo + kj - pw) * batch
+                            src = at + (lo - ow0) * batch
+                            _add(flat[dst:dst + (hi - lo) * batch], row[src:src + (hi - lo) * batch])
+                        else:
+                            for ow in range(lo, hi):
+                                dst = ((c * height + h) * width + ow * sw + kj - pw) * batch
+                                src = at + (ow - ow0) * batch
+                                _add(flat[dst:dst + batch], row[src:src + batch])
+                    p += ow1 - ow0
 
 
 @njit(nogil=True, cache=True)
@@ -159,6 +256,31 @@ def _per_channel_blocks(kernel, args: tuple, out: Array, bytes_per_channel: int)
     """Run ``kernel(*args, c0, c1)`` over channel blocks of ``out`` on the thread budget."""
     for_blocks(lambda c0, c1: kernel(*args, c0, c1), out.shape[0], bytes_per_channel, out,
                block_bytes=KERNEL_BLOCK_BYTES)
+
+
+def im2col(x: Array, kernel: Pair, stride: Pair, padding: Pair, out_hw: Pair, cols: Array, first: int = 0) -> Array:
+    """Fill ``cols`` (C*kh*kw, P*N) with the columns of output pixels ``first .. first+P-1``
+    (row-major over (OH, OW)) of the C-contiguous batch-last input ``x`` (C, H, W, N)."""
+    source = _computable(x)
+    target = cols if cols.dtype == source.dtype else np.empty(cols.shape, source.dtype)
+    args = (source, *kernel, *stride, *padding, out_hw[1], first, target)
+    _per_channel_blocks(_im2col, args, source, cols[0].nbytes * kernel[0] * kernel[1])
+    if target is not cols:
+        cols[...] = target
+    return cols
+
+
+def col2im_add(cols: Array, img: Array, kernel: Pair, stride: Pair, padding: Pair, out_hw: Pair,
+               first: int = 0) -> Array:
+    """The adjoint of :func:`im2col`: add the columns (C*kh*kw, P*N) of output pixels
+    ``first ..`` into ``img`` (C, H, W, N), C-contiguous, each input in kernel-offset order."""
+    source = _computable(cols)
+    target = img if img.dtype == source.dtype else img.astype(source.dtype)
+    args = (source, *kernel, *stride, *padding, out_hw[1], first, target)
+    _per_channel_blocks(_col2im_add, args, target, cols[0].nbytes * kernel[0] * kernel[1])
+    if target is not img:
+        img[...] = target
+    return img
 
 
 def max_pool_forward(x: Array, kernel: Pair, stride: Pair, padding: Pair, out_hw: Pair, argmax: Array) -> Array:

@@ -13,20 +13,27 @@ results are deterministic.
 
 Indices are 64-bit: a batch-512 column matrix of AlexNet's conv2 has 2e8 elements. CuPy
 compiles each kernel on first use per dtype and caches it on disk.
+
+On the GPU the column blocks (:data:`COLUMN_BLOCK_BYTES`) are large: device memory is
+plentiful, and each block costs a kernel launch and a cuBLAS call.
 """
 from __future__ import annotations
 
 import functools
 from typing import Any
 
-
 from dtrain.nn.module import Array
 
 Pair = tuple[int, int]
 
+# Bytes of one block of im2col columns (see dtrain.nn.conv).
+COLUMN_BLOCK_BYTES = 256 << 20
+
 # The window geometry every kernel takes after its arrays.
 _GEOMETRY = ("int64 C, int64 H, int64 W, int64 N, int64 KH, int64 KW, int64 SH, int64 SW, "
              "int64 PH, int64 PW, int64 OH, int64 OW")
+# The block of columns im2col and col2im work on: output pixels P0 .. P0+P-1 (row-major over (OH, OW)).
+_BLOCK = "int64 P0, int64 P"
 
 def _unravel(*axes: tuple[str, str]) -> str:
     """C code splitting thread ``i``'s flat index into named indices, fastest axis first.
@@ -74,26 +81,32 @@ template <> struct dtrain_accumulator<float16> { typedef float type; };
 typedef dtrain_accumulator<T>::type A;
 """
 
-# name -> (inputs before the geometry, outputs, body): CuPy ElementwiseKernel sources, kept
-# as plain strings so that tests can also compile the bodies on a machine without CUDA.
+# name -> (inputs, outputs, body): CuPy ElementwiseKernel sources, kept as plain strings so
+# that tests can also compile the bodies on a machine without CUDA.
 KERNELS: dict[str, tuple[str, str, str]] = {
-    # cols row (c, ki, kj), column (oh, ow, b): the input under that offset, 0 in the padding.
-    "im2col": ("raw T x", "T col", _unravel(("b", "N"), ("ow", "OW"), ("oh", "OH"), ("kj", "KW"), ("ki", "KH"),
-                                            ("c", "C")) + """
+    # cols row (c, ki, kj), column (p, b) for output pixel P0 + p: the input under that
+    # offset, 0 in the padding.
+    "im2col": (f"raw T x, {_GEOMETRY}, {_BLOCK}", "T col",
+               _unravel(("b", "N"), ("p", "P"), ("kj", "KW"), ("ki", "KH"), ("c", "C")) + """
+        const long long oh = (P0 + p) / OW;
+        const long long ow = (P0 + p) % OW;
         const long long h = oh * SH + ki - PH;
         const long long w = ow * SW + kj - PW;
         col = (h >= 0 && h < H && w >= 0 && w < W) ? x[((c * H + h) * W + w) * N + b] : (T)0;
     """),
-    "col2im": ("raw T col", "T img", _INPUT_INDEX + """
+    # Adds the block's columns into img: each input sums the outputs of the block whose
+    # window holds it, offsets in increasing order.
+    "col2im": (f"raw T col, {_GEOMETRY}, {_BLOCK}", "T img", _INPUT_INDEX + """
         A acc = (A)0;
     """ + _FOR_EACH_COVERING_OUTPUT.format(body="""
-        acc += (A)col[((((c * KH + ki) * KW + kj) * OH + oh) * OW + ow) * N + b];
+        const long long p = oh * OW + ow - P0;
+        if (p >= 0 && p < P) acc += (A)col[(((c * KH + ki) * KW + kj) * P + p) * N + b];
     """) + """
-        img = (T)acc;
+        img = (T)((A)img + acc);
     """),
     # The first maximum in offset order wins (strict >), like the CPU kernels and PyTorch;
     # padding never wins (it is -inf there).
-    "max_pool_forward": ("raw T x", "T y, U arg", _OUTPUT_INDEX + """
+    "max_pool_forward": (f"raw T x, {_GEOMETRY}", "T y, U arg", _OUTPUT_INDEX + """
         bool found = false;
         A best = (A)0;
         U at = 0;
@@ -114,7 +127,7 @@ KERNELS: dict[str, tuple[str, str, str]] = {
         y = (T)best;
         arg = at;
     """),
-    "max_pool_backward": ("raw T gy, raw U arg", "T gx", _INPUT_INDEX + """
+    "max_pool_backward": (f"raw T gy, raw U arg, {_GEOMETRY}", "T gx", _INPUT_INDEX + """
         A acc = (A)0;
     """ + _FOR_EACH_COVERING_OUTPUT.format(body="""
         const long long o = ((c * OH + oh) * OW + ow) * N + b;
@@ -123,7 +136,7 @@ KERNELS: dict[str, tuple[str, str, str]] = {
         gx = (T)acc;
     """),
     # Padded zeros count towards the mean (count_include_pad): always divide by KH*KW.
-    "avg_pool_forward": ("raw T x", "T y", _OUTPUT_INDEX + """
+    "avg_pool_forward": (f"raw T x, {_GEOMETRY}", "T y", _OUTPUT_INDEX + """
         A acc = (A)0;
         for (long long ki = 0; ki < KH; ++ki) {
             const long long h = oh * SH + ki - PH;
@@ -136,7 +149,7 @@ KERNELS: dict[str, tuple[str, str, str]] = {
         }
         y = (T)(acc * (A)(1.0 / (double)(KH * KW)));
     """),
-    "avg_pool_backward": ("raw T gy", "T gx", _INPUT_INDEX + """
+    "avg_pool_backward": (f"raw T gy, {_GEOMETRY}", "T gx", _INPUT_INDEX + """
         const A share = (A)(1.0 / (double)(KH * KW));
         A acc = (A)0;
     """ + _FOR_EACH_COVERING_OUTPUT.format(body="""
@@ -149,8 +162,7 @@ KERNELS: dict[str, tuple[str, str, str]] = {
 
 def build_kernels(cupy: Any) -> dict[str, Any]:
     """Every kernel of :data:`KERNELS` as a ``cupy.ElementwiseKernel`` (compiled on first call)."""
-    return {name: cupy.ElementwiseKernel(f"{inputs}, {_GEOMETRY}", outputs, body, f"dtrain_{name}",
-                                         preamble=ACCUMULATOR_PREAMBLE)
+    return {name: cupy.ElementwiseKernel(inputs, outputs, body, f"dtrain_{name}", preamble=ACCUMULATOR_PREAMBLE)
             for name, (inputs, outputs, body) in KERNELS.items()}
 
 
@@ -173,19 +185,21 @@ def _geometry(input_chwn: tuple[int, ...], kernel: Pair, stride: Pair, padding: 
     return (c, h, w, n, *kernel, *stride, *padding, *out_hw)
 
 
-def im2col(x: Array, kernel: Pair, stride: Pair, padding: Pair, out_hw: Pair, cols: Array) -> Array:
-    """Fill ``cols`` (C*kh*kw, OH*OW*N) from the C-contiguous batch-last input ``x`` (C, H, W, N)."""
-    _kernels()["im2col"](_flat(x), *_geometry(x.shape, kernel, stride, padding, out_hw), cols)
+def im2col(x: Array, kernel: Pair, stride: Pair, padding: Pair, out_hw: Pair, cols: Array, first: int = 0) -> Array:
+    """Fill ``cols`` (C*kh*kw, P*N) with the columns of output pixels ``first .. first+P-1``
+    (row-major over (OH, OW)) of the C-contiguous batch-last input ``x`` (C, H, W, N)."""
+    pixels = cols.shape[1] // x.shape[3]
+    _kernels()["im2col"](_flat(x), *_geometry(x.shape, kernel, stride, padding, out_hw), first, pixels, _flat(cols))
     return cols
 
 
-def col2im(cols: Array, input_chwn: tuple[int, ...], kernel: Pair, stride: Pair, padding: Pair,
-           out_hw: Pair) -> Array:
-    """The (C, H, W, N) adjoint of :func:`im2col`: a new array summing each input's columns."""
-    import cupy
-
-    img = cupy.empty(input_chwn, dtype=cols.dtype)
-    _kernels()["col2im"](_flat(cols), *_geometry(input_chwn, kernel, stride, padding, out_hw), img)
+def col2im_add(cols: Array, img: Array, kernel: Pair, stride: Pair, padding: Pair, out_hw: Pair,
+               first: int = 0) -> Array:
+    """The adjoint of :func:`im2col`: add the columns (C*kh*kw, P*N) of output pixels
+    ``first ..`` into ``img`` (C, H, W, N), C-contiguous, each input in kernel-offset order."""
+    pixels = cols.shape[1] // img.shape[3]
+    _kernels()["col2im"](_flat(cols), *_geometry(img.shape, kernel, stride, padding, out_hw), first, pixels,
+                         _flat(img))
     return img
 
 

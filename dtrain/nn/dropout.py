@@ -66,7 +66,7 @@ class Dropout(Module):
         self._mask = keep.reshape(x.shape).astype(x.dtype) * (1.0 / (1.0 - self.p))
         return x * self._mask
 
-    def backward(self, grad_out: Array) -> Array:
+    def backward(self, grad_out: Array, input_grad: bool = True) -> Array:
         return grad_out if self._mask is None else grad_out * self._mask
 
     def extra_repr(self) -> str:

@@ -33,7 +33,7 @@ class Flatten(Module):
         self._in_shape = tuple(x.shape)
         return x.reshape(self._flat_shape(self._in_shape))
 
-    def backward(self, grad_out: Array) -> Array:
+    def backward(self, grad_out: Array, input_grad: bool = True) -> Array:
         if self._in_shape is None:
             raise RuntimeError(f"{self!r}: backward called before forward")
         return grad_out.reshape(self._in_shape)

@@ -56,15 +56,16 @@ class Linear(Module):
             y += self.params["bias"]
         return y
 
-    def backward(self, grad_out: Array) -> Array:
-        """(N, out_features) -> (N, in_features); writes grads of weight and bias in place."""
+    def backward(self, grad_out: Array, input_grad: bool = True) -> Array | None:
+        """(N, out_features) -> (N, in_features); writes grads of weight and bias in place.
+        With ``input_grad=False`` the input gradient is not computed and None is returned."""
         if self._x is None:
             raise RuntimeError(f"{self!r}: backward called before forward")
         matmul(grad_out.T, self._x, out=self.grads["weight"])
         if "bias" in self.grads:
             xp = get_array_module(grad_out)
             xp.sum(grad_out, axis=0, out=self.grads["bias"])
-        return matmul(grad_out, self.params["weight"])
+        return matmul(grad_out, self.params["weight"]) if input_grad else None
 
     def output_shape(self, input_shape: Shape) -> Shape:
         if tuple(input_shape) != (self.in_features,):

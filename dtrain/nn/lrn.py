@@ -53,7 +53,7 @@ class LocalResponseNorm(Module):
         self._cache = (x, scale, denom)
         return x * scale
 
-    def backward(self, grad_out: Array) -> Array:
+    def backward(self, grad_out: Array, input_grad: bool = True) -> Array:
         """Gradient w.r.t. the input, same shape."""
         # dy[c]/dx[j] = [c == j] s[c] - (2 alpha beta / size) x[j] x[c] s[c] / d[c] (s = d^-beta) for
         # every c whose window holds j; those c form the mirrored window, hence before/after swapped.

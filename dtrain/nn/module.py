@@ -44,7 +44,10 @@ class Module:
     def forward(self, x: Array) -> Array:
         raise NotImplementedError
 
-    def backward(self, grad_out: Array) -> Array:
+    def backward(self, grad_out: Array, input_grad: bool = True) -> Array | None:
+        """d loss / d input from d loss / d output (``grad_out``), writing the parameters'
+        gradients into ``grads``. With ``input_grad=False`` the caller has no use for the
+        input gradient: a layer may skip computing it (Conv2d and Linear do) and return None."""
         raise NotImplementedError
 
     def __call__(self, x: Array) -> Array:
@@ -211,13 +214,23 @@ class Sequential(Module):
             x = layer.forward(x)
         return x
 
-    def backward(self, grad_out: Array) -> Array:
+    def backward(self, grad_out: Array, input_grad: bool = True) -> Array | None:
+        """Backward through the layers in reverse; the hooks run after each layer.
+
+        ``input_grad=False`` (training: nobody needs d loss / d input) stops at the first
+        layer with parameters, which is told not to compute its input gradient; the layers
+        before it have nothing to contribute and are skipped. Returns None then.
+        """
+        first = 0 if input_grad else next((i for i, layer in enumerate(self.layers) if layer.params), len(self.layers))
         g = grad_out
         for i in range(len(self.layers) - 1, -1, -1):
-            g = self.layers[i].backward(g)
+            if i > first or (i == first and input_grad):
+                g = self.layers[i].backward(g)
+            elif i == first:
+                g = self.layers[i].backward(g, input_grad=False)
             for hook in self._backward_hooks:
                 hook(i, self.layers[i])
-        return g
+        return g if input_grad else None
 
     def output_shape(self, input_shape: Shape) -> Shape:
         shape = tuple(input_shape)

@@ -100,7 +100,7 @@ class MaxPool2d(_Pool2d):
         argmax = self._argmax((source.shape[0], *out_hw, source.shape[3]), get_array_module(source))
         return as_nchw(kernels_for(source).max_pool_forward(source, *self._geometry(), out_hw, argmax))
 
-    def backward(self, grad_out: Array) -> Array:
+    def backward(self, grad_out: Array, input_grad: bool = True) -> Array:
         """(N, C, OH, OW) -> (N, C, H, W): each output's gradient goes to its window's argmax."""
         input_chwn, grad = self._start_backward(grad_out)
         argmax = self._argmax(grad.shape, get_array_module(grad))
@@ -119,7 +119,7 @@ class AvgPool2d(_Pool2d):
         source, out_hw = self._start_forward(x)
         return as_nchw(kernels_for(source).avg_pool_forward(source, *self._geometry(), out_hw))
 
-    def backward(self, grad_out: Array) -> Array:
+    def backward(self, grad_out: Array, input_grad: bool = True) -> Array:
         """(N, C, OH, OW) -> (N, C, H, W): each window input gets grad / (kh*kw)."""
         input_chwn, grad = self._start_backward(grad_out)
         return as_nchw(kernels_for(grad).avg_pool_backward(grad, input_chwn, *self._geometry()))

@@ -8,13 +8,38 @@ changes (for example the last, smaller batch of an epoch). One buffer is kept pe
 so an occasional odd shape does not pin extra memory.
 
 Workspace buffers are overwritten by the next call: never return one to a caller.
+
+Scratch that is used up within one call (the blocks of im2col columns) need not be kept
+per layer: :func:`shared_scratch` hands every layer on a thread the same buffer. Layers
+run one at a time on a thread (the compute workers of deterministic mode each run their
+own replica on their own thread), so one buffer per thread, name, dtype and device is
+enough, and the memory is that of the largest request instead of the sum over layers.
 """
 from __future__ import annotations
 
+import threading
 from types import ModuleType
 from typing import Any
 
+import numpy as np
+
+from dtrain.backend import current_device
 from dtrain.nn.module import Array, Shape
+
+_per_thread = threading.local()
+
+
+def shared_scratch(name: str, size: int, dtype: Any, xp: ModuleType) -> Array:
+    """A C-contiguous 1-D array of ``size`` elements from this thread's shared buffer ``name``
+    (for ``dtype`` on the current device), grown when a request is larger than any before.
+    Valid until the next request of that name on this thread."""
+    buffers = _per_thread.__dict__.setdefault("buffers", {})
+    key = (name, np.dtype(dtype).str, xp.__name__, current_device(xp))
+    buf = buffers.get(key)
+    if buf is None or buf.size < size:
+        buffers.pop(key, None)  # free the smaller one before allocating
+        buf = buffers[key] = xp.empty(size, dtype=dtype)
+    return buf[:size]
 
 
 class Workspace:

@@ -192,9 +192,10 @@ class RowPartitioner:
         self._check_kind(kind)
         spans = [(p, start, stop) for p, (start, stop) in enumerate(split_evenly(a.shape[0], len(self.devices)))
                  if stop > start]
-        direct = out is not None and out.flags.c_contiguous and not (
-            xp.may_share_memory(out, a) or xp.may_share_memory(out, b)
-        )
+        # Written in place: a C-contiguous out, or on the CPU any out with contiguous rows (a
+        # block of a convolution's output columns); the GPU's peer copies need contiguous memory.
+        in_place = out is not None and (out.flags.c_contiguous or (kind == "cpu" and out.strides[-1] == out.itemsize))
+        direct = in_place and not (xp.may_share_memory(out, a) or xp.may_share_memory(out, b))
         if kind == "cpu":
             result = out if direct else np.empty((a.shape[0], b.shape[1]), dtype=np.result_type(a.dtype, b.dtype))
             self._run_on_threads(a, b, result, spans)

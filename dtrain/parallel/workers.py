@@ -72,7 +72,7 @@ class ComputeWorker:
             logits = self.model.forward(self.precision.cast_input(x))
             loss = self.loss_fn.forward(logits, y)
         with timer.phase("backward"):  # overlapped all-reduce buckets start in here
-            self.model.backward(self.loss_fn.backward(self.precision.loss_scale))
+            self.model.backward(self.loss_fn.backward(self.precision.loss_scale), input_grad=False)
             if sync_master:
                 self.precision.grads_to_master()
         correct, count = accuracy_counts(logits, y)

@@ -34,7 +34,7 @@ class ToyLayer(Module):
     def forward(self, x):
         return x
 
-    def backward(self, grad_out):
+    def backward(self, grad_out, input_grad=True):
         for key, grad in self.grads.items():
             xp = get_array_module(grad)
             grad[...] = xp.asarray(local_grad(self.rank, self.step, self.index, key, grad.shape))
@@ -49,7 +49,7 @@ class Passive(Module):
     def forward(self, x):
         return x
 
-    def backward(self, grad_out):
+    def backward(self, grad_out, input_grad=True):
         return grad_out
 
 
