@@ -36,11 +36,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-from threadpoolctl import threadpool_limits
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from dtrain import limit_openblas_spin  # noqa: E402
+
+limit_openblas_spin()  # as python -m dtrain does, before NumPy loads OpenBLAS
+
+import numpy as np  # noqa: E402
+from threadpoolctl import threadpool_limits  # noqa: E402
 
 from dtrain.allocator import keep_freed_memory
 from dtrain.backend import synchronize, xp_for
@@ -136,7 +140,7 @@ def dtrain_setup(name: str, args: argparse.Namespace) -> tuple[Step, Step, objec
 
     def step() -> None:
         loss_fn.forward(model.forward(x), y)
-        model.backward(loss_fn.backward())
+        model.backward(loss_fn.backward(), input_grad=False)
         opt.step()
 
     return step, lambda: synchronize(xp), model, spec

@@ -35,11 +35,13 @@ ARGS = parse_args()
 # BLAS and OpenMP read these when they load, so they must be set before numpy is imported.
 for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[var] = str(ARGS.threads)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from dtrain import limit_openblas_spin  # noqa: E402
+
+limit_openblas_spin()  # as python -m dtrain does
 
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dtrain.allocator import keep_freed_memory
 from dtrain.nn.conv import Conv2d

@@ -3,9 +3,11 @@ table matches the tree, and common tooling sees every source file."""
 from __future__ import annotations
 
 import ast
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,7 +46,11 @@ def dtrain_imports(path: Path) -> set[str]:
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("dtrain"):
-            found.add(node.module if node.module != "dtrain" else f"dtrain.{node.names[0].name}")
+            if node.module != "dtrain":
+                found.add(node.module)
+            for alias in node.names if node.module == "dtrain" else ():  # a submodule, or a name of dtrain/__init__
+                submodule = (PACKAGE / f"{alias.name}.py").exists() or (PACKAGE / alias.name).is_dir()
+                found.add(f"dtrain.{alias.name}" if submodule else "dtrain")
         elif isinstance(node, ast.Import):
             found.update(a.name for a in node.names if a.name.startswith("dtrain."))
     return found
@@ -63,8 +69,26 @@ def test_imports_only_go_down(path):
     me = unit(".".join(path.relative_to(REPO).with_suffix("").parts))
     if me == "__init__":
         return
-    upward = [m for m in dtrain_imports(path) if unit(m) != me and LAYERS[unit(m)] >= LAYERS[me]]
+    layers = {"__init__": -1, **LAYERS}  # dtrain/__init__.py sits below everything: it imports nothing of dtrain
+    upward = [m for m in dtrain_imports(path) if unit(m) != me and layers[unit(m)] >= layers[me]]
     assert not upward, f"{path.relative_to(REPO)} (layer {LAYERS[me]}) imports {upward}"
+
+
+def test_importing_dtrain_loads_no_numpy():
+    # python -m dtrain sets OpenBLAS's spin timeout from dtrain/__init__.py before NumPy loads OpenBLAS
+    code = "import sys, dtrain; dtrain.limit_openblas_spin(); print(sorted({'numpy', 'dtrain.app'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
+    assert out.strip() == "[]"
+    # and the entry point sets it before it imports the app (and with it NumPy)
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    code = ("import builtins, os; real = builtins.__import__\n"
+            "def spy(name, *a, **k):\n"
+            "    if name == 'numpy': print(os.environ.get('OPENBLAS_THREAD_TIMEOUT')); builtins.__import__ = real\n"
+            "    return real(name, *a, **k)\n"
+            "builtins.__import__ = spy\n"
+            "import dtrain.__main__")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO, env=env)
+    assert out.stdout.splitlines()[0] == "16", out.stdout + out.stderr
 
 
 def test_readme_layout_matches_the_tree():
