@@ -6,6 +6,10 @@ BLAS library (OpenBLAS or MKL, found through threadpoolctl once per process) and
 back by the code that spreads memory-bound work over threads (:mod:`dtrain.nn.blocks`),
 so GEMMs and copies use the same cores and no more.
 
+The BLAS libraries are looked up once, at first use: one loaded later is not controlled.
+That can happen to SciPy's OpenBLAS, which Numba's compiler loads (:mod:`dtrain.nn.cpu_kernels`)
+and which nothing in dtrain calls.
+
 OpenBLAS built with pthreads (NumPy's wheels) has one process-wide thread count, so
 :func:`blas_threads` changes it for the whole process; call it from the thread that
 drives the work, never from two threads at once.
