@@ -101,11 +101,12 @@ def to_device(x: Any, xp: ModuleType, dtype: Any = None) -> Any:
     return xp.asarray(x, dtype=dtype)
 
 
-def to_host(x: Any) -> np.ndarray:
-    """A NumPy array with the contents of ``x`` (a device-to-host copy for CuPy arrays)."""
+def to_host(x: Any, copy: bool = False) -> np.ndarray:
+    """A NumPy array with the contents of ``x``: a device-to-host copy for CuPy arrays;
+    NumPy data itself unless ``copy``."""
     if is_gpu_array(x):
         return x.get()
-    return np.asarray(x)
+    return np.array(x, copy=True) if copy else np.asarray(x)
 
 
 def synchronize(xp: ModuleType) -> None:

@@ -105,7 +105,7 @@ def save_checkpoint(
 ) -> Path:
     """Write one checkpoint file at ``path`` atomically and return its path.
 
-    ``optimizer`` needs ``state_dict()`` (or is ``None``); ``rng_state`` and ``extra``
+    ``optimizer`` needs ``state_dict(copy=False)`` (or is ``None``); ``rng_state`` and ``extra``
     are dicts of JSON-able values (str keys; ints, floats, str, bool, None, lists,
     tuples, dicts) and arrays; ``config`` is YAML text or a plain dict (pass an OmegaConf
     config through ``OmegaConf.to_container(cfg, resolve=True)``). Until this function
@@ -131,8 +131,9 @@ def _collect_arrays(
     if extra is not None and not isinstance(extra, dict):
         raise TypeError(f"save_checkpoint: extra must be a dict or None, got {type(extra).__name__}")
 
-    arrays: dict[str, np.ndarray] = {f"model/{k}": v for k, v in model.state_dict().items()}
-    optim_state = optimizer.state_dict() if optimizer is not None else None
+    # The arrays themselves, not copies (on the CPU): they are written out before this returns.
+    arrays: dict[str, np.ndarray] = {f"model/{k}": v for k, v in model.state_dict(copy=False).items()}
+    optim_state = optimizer.state_dict(copy=False) if optimizer is not None else None
     for section, obj in (("optim", optim_state), ("rng", rng_state), ("extra", extra or {})):
         skeleton = _pack(obj, section, arrays)
         arrays[f"meta/{section}"] = np.array(json.dumps(skeleton))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,45 @@ from dtrain.nn.flat import FlatParameters
 from dtrain.nn.module import Array, Module
 
 HPARAMS_RUN = "hparams"
+
+
+def _summary_writer_class() -> type:
+    """tensorboardX's ``SummaryWriter``, its module imported without PyTorch.
+
+    tensorboardX imports ``torch`` when it is installed (the test extra installs it), only to
+    accept torch tensors; that costs about 200 MB of resident memory in every run, and
+    dtrain logs NumPy values. Hiding the module while tensorboardX loads makes its
+    ``import torch`` fail as if PyTorch were absent; later imports of torch are unaffected.
+    """
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None  # type: ignore[assignment]
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if hide:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
+def histogram_stats(values: np.ndarray, bins: int = 64, block: int = 1 << 16) -> dict[str, Any] | None:
+    """``add_histogram_raw``'s arguments for 1-D ``values``: ``bins`` equal buckets from
+    min to max, and float64 sums. Read in blocks of ``block`` values, so a large layer's
+    histogram needs no copy of it (tensorboardX's ``add_histogram`` makes two float64
+    ones). None when ``values`` is empty or holds a NaN or an infinity."""
+    if values.size == 0:
+        return None
+    low, high = float(values.min()), float(values.max())
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return None
+    counts, edges = np.histogram(values, bins=bins, range=(low, high) if high > low else (low - 0.5, low + 0.5))
+    total = squares = 0.0
+    for start in range(0, values.size, block):
+        part = values[start:start + block].astype(np.float64)
+        total += float(part.sum())
+        squares += float(part @ part)
+    return {"min": low, "max": high, "num": int(values.size), "sum": total, "sum_squares": squares,
+            "bucket_limits": edges[1:].tolist(), "bucket_counts": counts.tolist()}
 
 
 class TBLogger:
@@ -58,9 +98,7 @@ class TBLogger:
         self._writer = None
         self._last_histogram_step: int | None = None
         if self.enabled:
-            from tensorboardX import SummaryWriter
-
-            self._writer = SummaryWriter(logdir=str(self.logdir), flush_secs=flush_secs)
+            self._writer = _summary_writer_class()(logdir=str(self.logdir), flush_secs=flush_secs)
 
     # -- scalars ---------------------------------------------------------------------
     def log_scalars(self, values: Mapping[str, Any], step: int) -> None:
@@ -85,7 +123,9 @@ class TBLogger:
         for kind, buffer in (("weights", flat.params), ("grads", flat.grads)):
             host = to_host(buffer)
             for entry in flat.entries:
-                self._writer.add_histogram(f"{kind}/{entry.name}", host[entry.offset:entry.end], int(step))
+                stats = histogram_stats(host[entry.offset:entry.end])
+                if stats is not None:  # nothing to draw for a NaN/Inf (a skipped step's gradient)
+                    self._writer.add_histogram_raw(f"{kind}/{entry.name}", **stats, global_step=int(step))
         return True
 
     # -- images ----------------------------------------------------------------------

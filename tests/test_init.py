@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -43,3 +44,18 @@ def test_uniform_initializers_stay_in_bounds(name, bound):
 def test_unknown_initializer_names_the_layer_and_choices():
     with pytest.raises(ValueError, match=r"Conv2d\(1, 2\): unknown init 'he'.*kaiming_normal"):
         initialize("he", np.random.default_rng(0), SHAPE, "Conv2d(1, 2)")
+
+
+@pytest.mark.parametrize("name", sorted(INITIALIZERS))
+@pytest.mark.parametrize("shape", [(4096, 1024), (96, 1, 5, 5), (3, 7)])
+def test_a_float32_weight_is_drawn_in_pieces_with_the_values_of_one_draw(name, shape):
+    whole = INITIALIZERS[name](np.random.default_rng(2), shape).astype(np.float32)
+    tracemalloc.start()
+    try:
+        w = initialize(name, np.random.default_rng(2), shape, "Linear", np.float32)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert w.dtype == np.float32
+    np.testing.assert_array_equal(w, whole)
+    assert peak < w.nbytes + 2**20  # the weight and one float64 piece: never the weight in float64

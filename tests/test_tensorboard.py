@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import io
 import math
+import subprocess
+import sys
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -13,7 +16,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from dtrain.image_grid import make_grid, normalize_unit
 from dtrain.nn.flat import FlatParameters
 from dtrain.nn.module import Module, Sequential
-from dtrain.tensorboard import HPARAMS_RUN, TBLogger
+from dtrain.tensorboard import HPARAMS_RUN, TBLogger, histogram_stats
 
 EVERYTHING = {"scalars": 0, "histograms": 0, "images": 0, "tensors": 0}
 
@@ -112,6 +115,9 @@ def test_events_round_trip(tmp_path, rng):
             assert h.num == entry.size
             assert h.min == pytest.approx(values.min()) and h.max == pytest.approx(values.max())
             assert h.sum == pytest.approx(values.sum(), rel=1e-5, abs=1e-5)
+            assert h.sum_squares == pytest.approx(values @ values, rel=1e-6)
+            counts, _ = np.histogram(values, bins=len(h.bucket))
+            assert list(h.bucket) == counts.tolist() and h.bucket_limit[-1] == pytest.approx(values.max())
 
     assert set(tags["images"]) == {"inputs/samples", "filters/0.weight"}
     shown = decode(acc.Images("inputs/samples")[0])
@@ -171,3 +177,28 @@ def test_disabled_logger_is_a_no_op(tmp_path, rng):
     tb.flush()
     tb.close()
     assert not (tmp_path / "rank1").exists()
+
+
+def test_histograms_of_a_large_layer_copy_nothing_and_skip_non_finite_values(rng):
+    values = rng.normal(size=4_000_000).astype(np.float32)  # 16 MB
+    tracemalloc.start()
+    try:
+        stats = histogram_stats(values)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < values.nbytes / 2, f"{peak / 2**20:.1f} MiB for a histogram of {values.nbytes / 2**20:.0f} MiB"
+    assert sum(stats["bucket_counts"]) == values.size and stats["max"] == values.max()
+    assert stats["sum"] == pytest.approx(values.astype(np.float64).sum(), rel=1e-9)
+    assert histogram_stats(np.full(5, 2.0, np.float32))["bucket_counts"] == [0] * 32 + [5] + [0] * 31
+    assert histogram_stats(np.array([1.0, np.nan], np.float32)) is None
+    assert histogram_stats(np.array([1.0, np.inf])) is None
+
+
+def test_the_logger_leaves_pytorch_unimported(tmp_path):
+    # tensorboardX imports torch when it is installed; a training run has no use for it.
+    pytest.importorskip("torch", reason="the check needs PyTorch installed (the test extra)")
+    code = ("import sys\nfrom dtrain.tensorboard import TBLogger\n"
+            f"TBLogger({str(tmp_path)!r}).close()\nprint('torch' in sys.modules)\nimport torch\nprint(torch.ones(2).sum().item())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "2.0"]

@@ -59,7 +59,7 @@ class Conv2d(Module):
         rng = rng if rng is not None else np.random.default_rng()
         dtype = np.dtype(dtype if dtype is not None else DEFAULT_DTYPE)
         shape = (out_channels, in_channels, *self.kernel_size)
-        self.register_param("weight", initialize(init, rng, shape, layer=repr(self)).astype(dtype))
+        self.register_param("weight", initialize(init, rng, shape, repr(self), dtype))
         if self.has_bias:
             fan_in = in_channels * self.kernel_size[0] * self.kernel_size[1]
             self.register_param("bias", bias_uniform(rng, fan_in, out_channels).astype(dtype))

@@ -36,8 +36,7 @@ class Linear(Module):
         self.out_features = check_int(out_features, "Linear: out_features", 1)
         rng = rng if rng is not None else np.random.default_rng()
         dtype = np.dtype(dtype if dtype is not None else DEFAULT_DTYPE)
-        weight = initialize(init, rng, (out_features, in_features), layer=repr(self))
-        self.register_param("weight", weight.astype(dtype))
+        self.register_param("weight", initialize(init, rng, (out_features, in_features), repr(self), dtype))
         if bias:
             self.register_param("bias", bias_uniform(rng, in_features, out_features).astype(dtype))
         self._x: Array | None = None

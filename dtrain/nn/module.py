@@ -127,13 +127,17 @@ class Module:
             return mod.params[key].dtype
         return np.dtype(DEFAULT_DTYPE)
 
-    def state_dict(self) -> dict[str, np.ndarray]:
-        """Host copies of parameters and buffers, keyed like PyTorch's ``state_dict``."""
+    def state_dict(self, copy: bool = True) -> dict[str, np.ndarray]:
+        """Host copies of parameters and buffers, keyed like PyTorch's ``state_dict``.
+
+        ``copy=False``: on the CPU the model's own arrays (no extra memory; for reading them
+        at once, as a checkpoint write does), on the GPU host copies all the same.
+        """
         out: dict[str, np.ndarray] = {}
         for name, mod, key in self.named_parameters():
-            out[name] = to_host(mod.params[key]).copy()
+            out[name] = to_host(mod.params[key], copy)
         for name, mod, key in self.named_buffers():
-            out[name] = to_host(mod.buffers[key]).copy()
+            out[name] = to_host(mod.buffers[key], copy)
         return out
 
     def load_state_dict(self, state: Mapping[str, Any], strict: bool = True, source: str = "state_dict") -> None:

@@ -106,16 +106,17 @@ class Optimizer:
     def hyperparameters(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.hyperparameter_names}
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, copy: bool = True) -> dict[str, Any]:
         """``{"optimizer": class name, "step": int, "hyperparameters": {...}, "state": {name: host array}}``.
 
-        The state arrays are NumPy copies of the full flat-sized buffers (1-D, ``flat.size``).
+        The state arrays are NumPy copies of the full flat-sized buffers (1-D, ``flat.size``);
+        with ``copy=False`` on the CPU the buffers themselves (see :meth:`Module.state_dict`).
         """
         return {
             "optimizer": type(self).__name__,
             "step": self.step_count,
             "hyperparameters": dict(self.hyperparameters()),
-            "state": {name: to_host(buf).copy() for name, buf in self.state.items()},
+            "state": {name: to_host(buf, copy) for name, buf in self.state.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
