@@ -109,6 +109,14 @@ def test_readme_layout_matches_the_tree():
         assert f"`{package.relative_to(REPO)}/`" in section, f"README's layout lacks {package.relative_to(REPO)}/"
 
 
+def test_every_file_the_readmes_name_exists():
+    for readme in (REPO / "README.md", REPO / "launch" / "README.md"):
+        named = set(re.findall(r"\b((?:dtrain|tests|scripts|launch|conf)/[\w./-]*\w)", readme.read_text()))
+        # conf/ is installed as dtrain/conf (pyproject.toml's package-dir)
+        missing = sorted(path for path in named if not (REPO / re.sub(r"^dtrain/conf(?=/|$)", "conf", path)).exists())
+        assert not missing, f"{readme.relative_to(REPO)} names files that do not exist: {missing}"
+
+
 @pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
 def test_githubs_python_gitignore_ignores_no_source_file(tmp_path):
     sources = [str(p.relative_to(REPO)) for p in sorted(REPO.glob("*/**/*")) if p.is_file()
