@@ -1,12 +1,14 @@
 """Forward+backward time of each AlexNet-for-MNIST layer, dtrain against PyTorch, in one run.
 
     python scripts/bench_layers.py --batch 128 --threads 2 --reps 7
+    python scripts/bench_layers.py --layers pool1,pool2,pool5 --phase backward
 
 Both frameworks get the same shapes, dtype (float32) and thread count. For every layer
 the timed repetitions alternate between dtrain and PyTorch (the order flips each
 repetition) so that load from other processes hits both alike; the table shows medians
 and the ratio dtrain / PyTorch (lower is better for dtrain). Both sides compute the
-input gradient, also for the first layer. The fully connected layers are included when
+input gradient, also for the first layer. ``--phase forward`` or ``backward`` times one
+pass alone (the other runs untimed before it). The fully connected layers are included when
 ``dtrain.nn.linear`` is available.
 """
 from __future__ import annotations
@@ -28,6 +30,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--reps", type=int, default=7, help="timed repetitions per framework and layer")
     ap.add_argument("--warmup", type=int, default=2, help="untimed repetitions first (workspaces, caches)")
     ap.add_argument("--layers", default="", help="comma-separated subset, e.g. conv2,pool1")
+    ap.add_argument("--phase", default="both", choices=["both", "forward", "backward"], help="what is timed")
     return ap.parse_args()
 
 
@@ -90,46 +93,52 @@ def alexnet_cases() -> list[Case]:
     ]
 
 
-def dtrain_step(layer: Any, x: np.ndarray, grad: np.ndarray) -> Callable[[], None]:
-    def step() -> None:
+def dtrain_step(layer: Any, x: np.ndarray, grad: np.ndarray, phase: str) -> Callable[[], float]:
+    """One forward and backward pass; returns the seconds of ``phase``."""
+    def step() -> float:
+        start = time.perf_counter()
         layer.forward(x)
+        middle = time.perf_counter()
         layer.backward(grad)
+        return _phase_seconds(start, middle, time.perf_counter(), phase)
 
     return step
 
 
-def torch_step(layer: torch.nn.Module, x: np.ndarray, grad: np.ndarray) -> Callable[[], None]:
+def torch_step(layer: torch.nn.Module, x: np.ndarray, grad: np.ndarray, phase: str) -> Callable[[], float]:
     xt = torch.from_numpy(x).requires_grad_(True)
     gt = torch.from_numpy(grad)
 
-    def step() -> None:
+    def step() -> float:
         xt.grad = None
         layer.zero_grad(set_to_none=True)
-        layer(xt).backward(gt)
+        start = time.perf_counter()
+        out = layer(xt)
+        middle = time.perf_counter()
+        out.backward(gt)
+        return _phase_seconds(start, middle, time.perf_counter(), phase)
 
     return step
 
 
-def seconds(step: Callable[[], None]) -> float:
-    start = time.perf_counter()
-    step()
-    return time.perf_counter() - start
+def _phase_seconds(start: float, middle: float, end: float, phase: str) -> float:
+    return {"both": end - start, "forward": middle - start, "backward": end - middle}[phase]
 
 
-def bench(case: Case, batch: int, reps: int, warmup: int) -> tuple[tuple[int, ...], int, float, float]:
-    """(output shape, forward FLOPs, median dtrain seconds, median torch seconds) of forward+backward."""
+def bench(case: Case, batch: int, reps: int, warmup: int, phase: str) -> tuple[tuple[int, ...], int, float, float]:
+    """(output shape, forward FLOPs, median dtrain seconds, median torch seconds) of ``phase``."""
     _, shape, make_dtrain, make_torch = case
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, *shape), dtype=np.float32)
     layer = make_dtrain()
     out_shape = (batch, *layer.output_shape(shape))
     grad = rng.standard_normal(out_shape, dtype=np.float32)
-    steps = {"dtrain": dtrain_step(layer, x, grad), "torch": torch_step(make_torch(), x, grad)}
+    steps = {"dtrain": dtrain_step(layer, x, grad, phase), "torch": torch_step(make_torch(), x, grad, phase)}
     times: dict[str, list[float]] = {"dtrain": [], "torch": []}
     for rep in range(warmup + reps):
         order = ("dtrain", "torch") if rep % 2 == 0 else ("torch", "dtrain")
         for framework in order:
-            t = seconds(steps[framework])
+            t = steps[framework]()
             if rep >= warmup:
                 times[framework].append(t)
     flops = batch * layer.flops(shape)
@@ -156,16 +165,18 @@ def main() -> None:
         if unknown:
             sys.exit(f"unknown layers {unknown}; choose from {[c[0] for c in cases]}")
         cases = [c for c in cases if c[0] in wanted]
-    print(f"batch {ARGS.batch}, {ARGS.threads} threads, float32, forward+backward, median of {ARGS.reps}; "
+    timed = {"both": "forward+backward", "forward": "forward alone", "backward": "backward alone"}[ARGS.phase]
+    print(f"batch {ARGS.batch}, {ARGS.threads} threads, float32, {timed}, median of {ARGS.reps}; "
           f"torch {torch.__version__}, numpy {np.__version__}")
     # GFLOP/s counts forward + backward as 3x the forward FLOPs (two GEMMs in backward).
+    passes = {"both": 3, "forward": 1, "backward": 2}[ARGS.phase]
     print(f"{'layer':<7}{'output':>22}{'dtrain ms':>11}{'torch ms':>10}{'ratio':>7}{'dtrain GF/s':>13}{'torch GF/s':>12}")
     totals = [0.0, 0.0]
     for case in cases:
-        out_shape, flops, d, t = bench(case, ARGS.batch, ARGS.reps, ARGS.warmup)
+        out_shape, flops, d, t = bench(case, ARGS.batch, ARGS.reps, ARGS.warmup, ARGS.phase)
         totals[0] += d
         totals[1] += t
-        rates = f"{3 * flops / d / 1e9:>13.1f}{3 * flops / t / 1e9:>12.1f}" if flops else ""
+        rates = f"{passes * flops / d / 1e9:>13.1f}{passes * flops / t / 1e9:>12.1f}" if flops else ""
         print(f"{case[0]:<7}{out_shape!s:>22}{d * 1e3:>11.1f}{t * 1e3:>10.1f}{d / t:>7.2f}{rates}", flush=True)
     print(f"{'total':<7}{'':>22}{totals[0] * 1e3:>11.1f}{totals[1] * 1e3:>10.1f}{totals[0] / totals[1]:>7.2f}")
 

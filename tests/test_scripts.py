@@ -49,11 +49,21 @@ def test_bench_memory_refuses_gpu():
     assert proc.returncode == 2 and "--device cpu" in proc.stderr
 
 
-def test_bench_layers_prints_a_ratio_per_layer():
+@pytest.mark.parametrize("phase", ["both", "backward"])
+def test_bench_layers_prints_a_ratio_per_layer(phase):
     out = run_script("bench_layers.py", "--batch", "2", "--reps", "1", "--warmup", "0", "--threads", "1",
-                     "--layers", "conv2,pool1,fc7")
+                     "--layers", "conv2,pool1,fc7", "--phase", phase)
+    assert ("backward alone" in out) == (phase == "backward")
     for layer in ("conv2", "pool1", "fc7"):
         assert len(table_row(out, layer)) >= 4
+
+
+def test_bench_run_memory_compares_a_whole_run_with_its_pytorch_twin():
+    out = run_script("bench_run_memory.py", "--model", "lenet", "--steps", "3", "--threads", "1")
+    peaks = {name: float(table_row(out, name)[3]) for name in ("dtrain", "torch")}
+    assert all(peak > 50 for peak in peaks.values())
+    ratio = float(out.rsplit("dtrain / torch:", 1)[1])
+    assert ratio == pytest.approx(peaks["dtrain"] / peaks["torch"], abs=0.01)
 
 
 def test_bench_allreduce_reports_bus_bandwidth_on_two_ranks():
