@@ -66,6 +66,9 @@ class Conv2d(Module):
         self._workspace = Workspace()
         # The batch-last (C, H, W, N) input of the last forward; backward consumes it.
         self._saved: Array | None = None
+        # The forward's columns when they were one block (in this layer's own buffer), so
+        # that backward need not compute them again; None when backward recomputes blocks.
+        self._kept_cols: Array | None = None
 
     def forward(self, x: Array) -> Array:
         """(N, C, H, W) -> (N, F, OH, OW), a view of new batch-last memory (see :mod:`dtrain.nn.layout`).
@@ -81,8 +84,11 @@ class Conv2d(Module):
         source = batch_last(x, self._workspace, "input")
         y = xp.empty((f, oh * ow * n), dtype=x.dtype)  # new memory: the caller keeps it
         weight = self._weight_matrix()
-        for first, cols in self._column_blocks(source, (oh, ow)):
+        blocks = self._column_blocks(source, (oh, ow))
+        for first, cols in blocks:
             matmul(weight, cols, out=y[:, first * n:first * n + cols.shape[1]])
+        # One block (it starts at pixel 0 and holds them all): its columns stay for backward.
+        self._kept_cols = cols if first == 0 and cols.shape[1] == oh * ow * n else None
         if self.has_bias:
             bias = self.params["bias"].reshape(f, 1)
 
@@ -104,6 +110,7 @@ class Conv2d(Module):
             raise RuntimeError(f"{self!r}: backward needs a forward first (each forward supports one backward)")
         check_rank(self, grad_out, 4, "N, F, OH, OW")
         source, self._saved = self._saved, None
+        kept, self._kept_cols = self._kept_cols, None
         c, h, w, n = source.shape
         expected = (n, *self.output_shape((c, h, w)))
         if tuple(grad_out.shape) != expected:
@@ -117,7 +124,8 @@ class Conv2d(Module):
         weight, weight_grad = self._weight_matrix(), self._weight_grad_matrix()
         grad_in = xp.zeros(source.shape, dtype=source.dtype) if input_grad else None
         kernels = kernels_for(source)
-        for index, (first, cols) in enumerate(self._column_blocks(source, (oh, ow))):
+        blocks = [(0, kept)] if kept is not None else self._column_blocks(source, (oh, ow))
+        for index, (first, cols) in enumerate(blocks):
             g_block = g[:, first * n:first * n + cols.shape[1]]
             if index == 0:
                 matmul(g_block, cols.T, out=weight_grad)
@@ -132,13 +140,18 @@ class Conv2d(Module):
 
     def _column_blocks(self, source: Array, out_hw: tuple[int, int]) -> Iterator[tuple[int, Array]]:
         """``(first pixel, cols)`` for each block of output pixels: the block's (C*kh*kw, P*N)
-        columns of the batch-last input ``source``, in the thread's shared im2col buffer."""
+        columns of the batch-last input ``source``, in the thread's shared im2col buffer; when
+        one block holds them all, in this layer's own buffer (kept for backward: no larger
+        than a block)."""
         c, _, _, n = source.shape
-        kernels = kernels_for(source)
+        kernels, xp = kernels_for(source), get_array_module(source)
         rows = c * self.kernel_size[0] * self.kernel_size[1]
         blocks = list(pixel_blocks(out_hw[0] * out_hw[1], rows * n * source.itemsize, kernels.COLUMN_BLOCK_BYTES))
         largest = max(count for _, count in blocks)
-        buffer = shared_scratch("im2col", rows * largest * n, source.dtype, get_array_module(source))
+        if len(blocks) == 1:
+            buffer = self._workspace.get("cols", (rows * largest * n,), source.dtype, xp)
+        else:
+            buffer = shared_scratch("im2col", rows * largest * n, source.dtype, xp)
         for first, count in blocks:
             cols = buffer[:rows * count * n].reshape(rows, count * n)
             kernels.im2col(source, self.kernel_size, self.stride, self.padding, out_hw, cols, first)
