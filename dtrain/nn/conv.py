@@ -25,7 +25,8 @@ class Conv2d(Module):
     ``OH = (H + 2*padding - kh) // stride + 1`` (likewise OW). The products run block by
     block of output pixels (see :mod:`dtrain.nn.im2col` for the column layout and the
     blocks): forward is ``weight.reshape(F, C*kh*kw) @ cols`` per block; backward builds
-    each block's columns again from the input that forward kept, adds ``dY @ cols.T`` into
+    each block's columns again from the input that forward kept (or, when a single block
+    held them all, uses forward's, kept in the layer's own buffer), adds ``dY @ cols.T`` into
     the weight gradient (written into ``grads["weight"]`` in place) and, unless the input
     gradient is not wanted, multiplies ``weight.T @ dY`` and adds it back with col2im. All
     GEMMs go through :func:`dtrain.nn.gemm.matmul`.
