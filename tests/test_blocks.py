@@ -10,7 +10,7 @@ from layer_checks import assert_matches_torch
 from threadpoolctl import threadpool_limits
 
 from dtrain.nn import AvgPool2d, Conv2d, MaxPool2d, ReLU, blocks
-from dtrain.nn.blocks import for_blocks, split_evenly
+from dtrain.nn.blocks import elementwise, for_blocks, split_evenly
 from dtrain.nn.layout import as_nchw, batch_last
 from dtrain.nn.workspace import Workspace
 
@@ -92,12 +92,14 @@ def test_batch_last_is_a_view_when_the_memory_already_is_batch_last(rng):
         lambda: (Conv2d(6, 4, (2, 3), padding=(0, 2), dtype=np.float64), torch.nn.Conv2d(6, 4, (2, 3), padding=(0, 2))),
         lambda: (MaxPool2d(3, 2, padding=1), torch.nn.MaxPool2d(3, 2, padding=1)),
         lambda: (AvgPool2d(2, padding=1), torch.nn.AvgPool2d(2, padding=1)),
+        lambda: (ReLU(), torch.nn.ReLU()),
     ],
-    ids=["conv-s2-p1", "conv-rect", "maxpool-p1", "avgpool-p1"],
+    ids=["conv-s2-p1", "conv-rect", "maxpool-p1", "avgpool-p1", "relu"],
 )
 @pytest.mark.parametrize("layout", ["nchw", "batch_last"])
 def test_layers_in_small_blocks_on_two_threads_match_torch(make, layout, rng, monkeypatch):
     monkeypatch.setattr(blocks, "BLOCK_BYTES", 64)
+    monkeypatch.setattr(blocks, "ELEMENTWISE_BLOCK_BYTES", 64)
     layer, torch_layer = make()
     x = rng.normal(size=(3, 6, 7, 8))
     if layout == "batch_last":  # as the previous Conv2d or pooling layer hands it on
@@ -115,3 +117,57 @@ def test_a_conv_stack_passes_batch_last_memory_along(rng):
     assert b.transpose(1, 2, 3, 0).flags.c_contiguous
     y = conv2.forward(b)
     assert y.shape == (5, 3, 2, 2)
+
+
+def layouts(rng) -> dict[str, np.ndarray]:
+    base = rng.normal(size=(3, 6, 7, 8))
+    return {"nchw": base, "batch_last": as_nchw(np.ascontiguousarray(base.transpose(1, 2, 3, 0))),
+            "strided": base[:, ::2]}
+
+
+@pytest.mark.parametrize("layout", ["nchw", "batch_last", "strided"])
+def test_elementwise_work_in_pieces_gives_the_whole_arrays_result(layout, rng, monkeypatch):
+    monkeypatch.setattr(blocks, "ELEMENTWISE_BLOCK_BYTES", 64)
+    x = layouts(rng)[layout]
+    y, calls = np.empty_like(x), []
+
+    def double(a, b):
+        calls.append(a.ndim)
+        np.multiply(a, 2, out=b)
+
+    with threadpool_limits(limits=2, user_api="blas"):
+        elementwise(double, x, y)
+    np.testing.assert_array_equal(y, 2 * x)
+    # Pieces (1-D, many) where the memory is one run; one call on the whole strided view.
+    assert calls == [4] if layout == "strided" else (len(calls) > 10 and set(calls) == {1})
+
+
+def test_elementwise_takes_small_arrays_whole(rng):
+    x, calls = layouts(rng)["batch_last"], []  # 8 KiB: far below two blocks
+    elementwise(lambda a: calls.append(a.shape), x)
+    assert calls == [x.shape]
+
+
+def test_elementwise_takes_arrays_of_different_layouts_whole(rng, monkeypatch):
+    monkeypatch.setattr(blocks, "ELEMENTWISE_BLOCK_BYTES", 64)
+    x = layouts(rng)["batch_last"]
+    y, calls = np.empty(x.shape), []  # C order: element i of x's memory is not element i of y's
+
+    def copy(a, b):
+        calls.append(a.shape)
+        b[...] = a
+
+    elementwise(copy, x, y)
+    np.testing.assert_array_equal(y, x)
+    assert calls == [x.shape]
+
+
+def test_relu_backward_masks_a_batch_last_gradient_in_place_in_pieces(rng, monkeypatch):
+    monkeypatch.setattr(blocks, "ELEMENTWISE_BLOCK_BYTES", 64)
+    x, grad = layouts(rng)["batch_last"], layouts(rng)["batch_last"]
+    expected = grad * (x > 0)
+    relu = ReLU()
+    with threadpool_limits(limits=2, user_api="blas"):
+        np.testing.assert_array_equal(relu.forward(x), np.maximum(x, 0))
+        assert relu.backward(grad) is grad
+    np.testing.assert_array_equal(grad, expected)

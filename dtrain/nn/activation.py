@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dtrain.backend import get_array_module
+from dtrain.nn.blocks import elementwise
 from dtrain.nn.module import Array, Module
 
 
@@ -26,13 +27,25 @@ class ReLU(_Elementwise):
 
     def forward(self, x: Array) -> Array:
         xp = get_array_module(x)
-        self._cache = x > 0
-        return xp.maximum(x, 0)
+        y, mask = xp.empty_like(x), xp.empty_like(x, dtype=bool)  # x's memory layout
+
+        def relu(x_: Array, y_: Array, mask_: Array) -> None:
+            xp.greater(x_, 0, out=mask_)
+            xp.maximum(x_, 0, out=y_)
+
+        elementwise(relu, x, y, mask)
+        self._cache = mask
+        return y
 
     def backward(self, grad_out: Array, input_grad: bool = True) -> Array:
         xp = get_array_module(grad_out)
-        # A multiply by the boolean mask: in place, and much faster than xp.where on the host.
-        return xp.multiply(grad_out, self._cached(), out=grad_out)
+
+        def mask(grad: Array, mask_: Array) -> None:
+            # A multiply by the boolean mask: in place, and much faster than xp.where on the host.
+            xp.multiply(grad, mask_, out=grad)
+
+        elementwise(mask, grad_out, self._cached())
+        return grad_out
 
 
 class LeakyReLU(_Elementwise):

@@ -25,6 +25,9 @@ from dtrain.threads import current_blas_threads
 
 # Bytes one block should touch: well inside a core's L2 cache together with its outputs.
 BLOCK_BYTES = 1 << 19
+# Bytes one block of :func:`elementwise` touches: a chain of one or two streaming
+# operations needs no cache blocking, only pieces large enough to outweigh a call's cost.
+ELEMENTWISE_BLOCK_BYTES = 4 << 20
 
 _executor: ThreadPoolExecutor | None = None
 _executor_pid: int | None = None
@@ -78,3 +81,35 @@ def for_blocks(fn: Callable[[int, int], None], total: int, bytes_per_item: int, 
             future.exception()  # wait for every thread before anything is raised
     for future in futures:
         future.result()
+
+
+def elementwise(fn: Callable[..., None], *arrays: Any) -> None:
+    """Call ``fn(*pieces)`` on matching pieces of same-shaped ``arrays``, spread over the
+    thread budget with :func:`for_blocks`: ``fn`` gets 1-D views of one range of elements
+    of each array, in memory order. The arrays must share one compact layout (as an array
+    and its ``empty_like`` do) for the pieces to match; otherwise, when they are small
+    (under two blocks of :data:`ELEMENTWISE_BLOCK_BYTES`), and on the GPU, ``fn`` gets the
+    whole arrays in one call. ``fn`` must write only its pieces.
+    """
+    per_item = sum(a.itemsize for a in arrays)
+    if is_gpu_array(arrays[0]) or arrays[0].size * per_item < 2 * ELEMENTWISE_BLOCK_BYTES:
+        fn(*arrays)  # small: a thread hand-off would cost more than it saves
+        return
+    views = [_memory_order(a) for a in arrays]
+    orders = {order for order, _ in views}
+    if None in orders or len(orders) > 1:
+        fn(*arrays)
+        return
+    flat = [view for _, view in views]
+    for_blocks(lambda start, stop: fn(*(v[start:stop] for v in flat)), flat[0].size, per_item, arrays[0],
+               block_bytes=ELEMENTWISE_BLOCK_BYTES)
+
+
+def _memory_order(a: Any) -> tuple[tuple[int, ...] | None, Any]:
+    """``(axes from outermost to innermost in memory, 1-D view in that order)`` of ``a``,
+    or ``(None, None)`` when its elements do not fill one contiguous run."""
+    axes = tuple(sorted(range(a.ndim), key=lambda i: (a.shape[i] != 1, -abs(a.strides[i]), i)))
+    inner = a.transpose(axes)
+    if not inner.flags.c_contiguous:
+        return None, None
+    return tuple(i for i in axes if a.shape[i] != 1), inner.reshape(-1)
