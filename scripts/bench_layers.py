@@ -48,6 +48,7 @@ import torch
 
 from dtrain.allocator import keep_freed_memory
 from dtrain.nn.conv import Conv2d
+from dtrain.nn.activation import ReLU
 from dtrain.nn.pool import MaxPool2d
 
 # (name, per-sample input shape, dtrain layer factory, torch layer factory)
@@ -63,6 +64,10 @@ def conv(name: str, shape: tuple[int, ...], out_channels: int, kernel: int, padd
 
 def maxpool(name: str, shape: tuple[int, ...]) -> Case:
     return (name, shape, lambda: MaxPool2d(3, 2), lambda: torch.nn.MaxPool2d(3, 2))
+
+
+def relu(name: str, shape: tuple[int, ...]) -> Case:
+    return (name, shape, ReLU, torch.nn.ReLU)
 
 
 def linear_cases() -> list[Case]:
@@ -82,8 +87,10 @@ def linear_cases() -> list[Case]:
 def alexnet_cases() -> list[Case]:
     return [
         conv("conv1", (1, 28, 28), 96, 5, 2),
+        relu("relu1", (96, 28, 28)),
         maxpool("pool1", (96, 28, 28)),
         conv("conv2", (96, 13, 13), 256, 5, 2),
+        relu("relu2", (256, 13, 13)),
         maxpool("pool2", (256, 13, 13)),
         conv("conv3", (256, 6, 6), 384, 3, 1),
         conv("conv4", (384, 6, 6), 384, 3, 1),

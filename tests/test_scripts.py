@@ -52,9 +52,9 @@ def test_bench_memory_refuses_gpu():
 @pytest.mark.parametrize("phase", ["both", "backward"])
 def test_bench_layers_prints_a_ratio_per_layer(phase):
     out = run_script("bench_layers.py", "--batch", "2", "--reps", "1", "--warmup", "0", "--threads", "1",
-                     "--layers", "conv2,pool1,fc7", "--phase", phase)
+                     "--layers", "conv2,relu2,pool1,fc7", "--phase", phase)
     assert ("backward alone" in out) == (phase == "backward")
-    for layer in ("conv2", "pool1", "fc7"):
+    for layer in ("conv2", "relu2", "pool1", "fc7"):
         assert len(table_row(out, layer)) >= 4
 
 

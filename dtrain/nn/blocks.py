@@ -1,10 +1,11 @@
 """Memory-bound layer work in cache-sized blocks, spread over the process's threads.
 
-ReLU and the im2col/col2im copies are chains of cheap array operations over arrays of
-tens of MB. Applied to a whole array, every operation in the chain streams it from RAM;
-applied to a few channels at a time, the chain runs in cache. NumPy (and the Numba
-kernels of :mod:`dtrain.nn.cpu_kernels`) release the GIL, so blocks handed to different
-threads run in parallel; the number of
+Pooling, the im2col/col2im copies and the optimizer updates are chains of cheap array
+operations over arrays of tens of MB. Applied to a whole array, every operation in the
+chain streams it from RAM; applied to a few channels at a time, the chain runs in cache.
+ReLU's one or two operations per element only need pieces large enough to be worth a
+thread (:func:`elementwise`). NumPy (and the Numba kernels of :mod:`dtrain.nn.cpu_kernels`)
+release the GIL, so blocks handed to different threads run in parallel; the number of
 threads is the process's BLAS thread budget (:func:`dtrain.threads.current_blas_threads`,
 one per rank under MPI), so the copies use the cores the GEMMs may use, and no more.
 
