@@ -228,7 +228,7 @@ class Sequential(Module):
         first = 0 if input_grad else next((i for i, layer in enumerate(self.layers) if layer.params), len(self.layers))
         g = grad_out
         for i in range(len(self.layers) - 1, -1, -1):
-            if i > first or (i == first and input_grad):
+            if i > first or input_grad:
                 g = self.layers[i].backward(g)
             elif i == first:
                 g = self.layers[i].backward(g, input_grad=False)
