@@ -6,6 +6,7 @@ import pytest
 import torch
 from layer_checks import assert_matches_torch, layer_gradcheck
 
+from dtrain.backend import to_host
 from dtrain.nn import gemm
 from dtrain.nn.linear import Linear
 
@@ -43,6 +44,23 @@ def test_all_gemms_go_through_gemm_matmul(rng):
     finally:
         gemm.set_partitioner(None)
     assert calls == [((5, 4), (4, 3)), ((3, 5), (5, 4)), ((5, 3), (3, 4))]
+
+
+@pytest.mark.parametrize("n", [1, 6])
+def test_input_gradient_keeps_a_batch_last_input_order(xp, rng, n):
+    """Flatten of a batch-last activation gives Linear the transpose of (in, N) memory; the
+    input gradient comes back in that order (ReLU and Conv2d before it read it without a
+    reorder) and equals the gradient of a C-ordered input."""
+    layer = Linear(12, 5, rng=rng, dtype=np.float64).to(xp)
+    x = xp.asarray(rng.normal(size=(12, n))).T  # (N, 12), batch fastest in memory
+    g = xp.asarray(rng.normal(size=(n, 5)))
+    layer.forward(x)
+    gx = layer.backward(g.copy())
+    layer.forward(xp.ascontiguousarray(x))
+    expected = layer.backward(g.copy())
+    assert gx.T.flags.c_contiguous
+    assert n == 1 or not gx.flags.c_contiguous
+    np.testing.assert_allclose(to_host(gx), to_host(expected), rtol=1e-12)
 
 
 def test_backward_writes_grads_in_place(rng):

@@ -16,7 +16,10 @@ from dtrain.nn.module import Array, Module, Shape
 class Linear(Module):
     """Affine map of (N, in_features) to (N, out_features).
 
-    ``weight`` has shape (out_features, in_features) and ``bias`` (out_features,), as in
+    The input gradient comes back in the input's memory order: an input that is the
+    transpose of C-contiguous (in_features, N) memory, as Flatten makes of a batch-last
+    activation, gets its gradient as such a transpose, so that the layers before need not
+    reorder it. ``weight`` has shape (out_features, in_features) and ``bias`` (out_features,), as in
     PyTorch. All three matrix products (forward, input gradient, weight gradient) go
     through :func:`dtrain.nn.gemm.matmul`; the weight gradient is written straight into
     ``grads["weight"]``.
@@ -64,7 +67,11 @@ class Linear(Module):
         if "bias" in self.grads:
             xp = get_array_module(grad_out)
             xp.sum(grad_out, axis=0, out=self.grads["bias"])
-        return matmul(grad_out, self.params["weight"]) if input_grad else None
+        if not input_grad:
+            return None
+        if self._x.T.flags.c_contiguous and not self._x.flags.c_contiguous:  # batch-last input
+            return matmul(self.params["weight"].T, grad_out.T).T
+        return matmul(grad_out, self.params["weight"])
 
     def output_shape(self, input_shape: Shape) -> Shape:
         if tuple(input_shape) != (self.in_features,):
