@@ -1,5 +1,9 @@
 """Conv2d: PyTorch parity, finite differences, im2col/col2im layout and adjointness, column blocks,
-the skipped input gradient, workspace reuse, errors."""
+the skipped input gradient, workspace reuse, the direct kernels and when they run, errors.
+
+Every test runs the im2col + GEMM path unless it asks for the ``algorithm`` fixture, which
+runs it under both algorithms: most of these layers are small enough that
+``direct_conv_pays`` would pick the direct kernels by itself."""
 from __future__ import annotations
 
 import numpy as np
@@ -27,6 +31,21 @@ CASES = [
 CASE_IDS = [f"n{c[0]}c{c[1]}f{c[2]}_{c[3]}x{c[4]}_k{c[5]}s{c[6]}p{c[7]}{'' if c[8] else '_nobias'}" for c in CASES]
 
 
+@pytest.fixture(autouse=True)
+def im2col_unless_asked(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "DIRECT_CONV_MAX_MACS", 0)
+
+
+@pytest.fixture(params=["im2col", "direct"])
+def algorithm(request, monkeypatch) -> str:
+    """Run the test under both algorithms (on the GPU there is only im2col)."""
+    xp = request.getfixturevalue("xp") if "xp" in request.fixturenames else np
+    if request.param == "direct" and xp is not np:
+        pytest.skip("the direct kernels are CPU only")
+    monkeypatch.setattr(cpu_kernels, "DIRECT_CONV_MAX_MACS", 0 if request.param == "im2col" else 1 << 40)
+    return request.param
+
+
 def make_pair(case, rng, dtype):
     n, c, f, h, w, k, s, p, bias = case
     return Conv2d(c, f, k, stride=s, padding=p, bias=bias, rng=rng, dtype=dtype), rng.normal(size=(n, c, h, w))
@@ -34,7 +53,7 @@ def make_pair(case, rng, dtype):
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_matches_torch(xp, rng, dtype, case):
+def test_matches_torch(xp, rng, dtype, case, algorithm):
     layer, x = make_pair(case, rng, dtype)
     _, c, f, _, _, k, s, p, bias = case
     assert_matches_torch(layer.to(xp), torch.nn.Conv2d(c, f, k, stride=s, padding=p, bias=bias),
@@ -42,7 +61,7 @@ def test_matches_torch(xp, rng, dtype, case):
 
 
 @pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[4]], ids=[CASE_IDS[1], CASE_IDS[2], CASE_IDS[4]])
-def test_finite_differences(xp, rng, case):
+def test_finite_differences(xp, rng, case, algorithm):
     layer, x = make_pair(case, rng, np.float64)
     layer_gradcheck(layer.to(xp), xp.asarray(x), rng)
 
@@ -112,7 +131,7 @@ def test_results_do_not_depend_on_the_column_block_size(monkeypatch, rng, dtype)
     np.testing.assert_allclose(small[1], xt.grad.numpy(), rtol=tol * 10, atol=tol * 10)
 
 
-def test_the_input_gradient_can_be_skipped(rng):
+def test_the_input_gradient_can_be_skipped(rng, algorithm):
     layer = Conv2d(2, 3, 3, padding=1, rng=rng, dtype=np.float64)
     x, g = rng.normal(size=(2, 2, 5, 5)), rng.normal(size=(2, 3, 5, 5))
     layer.forward(x)
@@ -145,7 +164,7 @@ def test_workspaces_are_reused_but_results_are_fresh(rng):
     np.testing.assert_array_equal(layer.grads["weight"], wg1)
 
 
-def test_backward_writes_grads_in_place(rng):
+def test_backward_writes_grads_in_place(rng, algorithm):
     layer = Conv2d(2, 3, (2, 3), rng=rng, dtype=np.float64)
     flat = np.zeros(3 * 2 * 2 * 3 + 3)
     layer.grads["weight"] = flat[:36].reshape(3, 2, 2, 3)  # what a flat gradient buffer does
@@ -185,6 +204,42 @@ def test_all_gemms_go_through_gemm_matmul(rng):
         gemm.set_partitioner(None)
     m = 5 * 4 * 4  # one block of columns at this size
     assert calls == [((4, 18), (18, m)), ((4, m), (m, 18)), ((18, 4), (4, m))]
+
+
+def test_direct_layers_make_no_gemm_but_for_the_input_gradient(rng, monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "DIRECT_CONV_MAX_MACS", 1 << 40)
+    calls = []
+
+    def recording(a, b, out):
+        calls.append((a.shape, b.shape))
+        return np.matmul(a, b, out=out)
+
+    layer = Conv2d(2, 4, 3, rng=rng, dtype=np.float64)
+    x, g = rng.normal(size=(5, 2, 6, 6)), rng.normal(size=(5, 4, 4, 4))
+    gemm.set_partitioner(recording)
+    try:
+        layer.forward(x)
+        layer.backward(g, input_grad=False)
+        assert calls == []
+        layer.forward(x)
+        dx = layer.backward(g)
+    finally:
+        gemm.set_partitioner(None)
+    assert calls == [((18, 4), (4, 5 * 4 * 4))]  # weight.T @ dY, one block
+    xt = torch.tensor(x, requires_grad=True)
+    torch.nn.functional.conv2d(xt, torch.tensor(layer.params["weight"])).backward(torch.tensor(g))
+    np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-12)
+
+
+def test_direct_kernels_run_where_the_gemm_is_memory_bound(monkeypatch):
+    """The default threshold sends LeNet's and simple_cnn's first layers (on one image
+    channel) to the direct kernels and keeps AlexNet's first and every deeper layer on im2col."""
+    def direct(c, f, k):
+        return Conv2d(c, f, k)._direct(np.empty((c, 8, 8, 2), np.float32))
+
+    monkeypatch.undo()  # this module's fixture forces im2col; here the real threshold counts
+    assert direct(1, 6, 5) and direct(1, 32, 2)
+    assert not direct(1, 96, 5) and not direct(6, 16, 5) and not direct(32, 64, 2)
 
 
 def test_init_is_seeded_and_kaiming_scaled():

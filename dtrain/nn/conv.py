@@ -30,6 +30,11 @@ class Conv2d(Module):
     the weight gradient (written into ``grads["weight"]`` in place) and, unless the input
     gradient is not wanted, multiplies ``weight.T @ dY`` and adds it back with col2im. All
     GEMMs go through :func:`dtrain.nn.gemm.matmul`.
+
+    A layer with few multiply-adds per output value (few filters of few taps, as first
+    layers on one image channel have) runs forward and the weight gradient as a direct
+    convolution on the CPU instead, without columns; its input gradient, if wanted, still
+    takes the GEMM and col2im (:func:`dtrain.nn.cpu_kernels.direct_conv_pays` decides).
     """
 
     def __init__(
@@ -84,21 +89,30 @@ class Conv2d(Module):
         n = x.shape[0]
         source = batch_last(x, self._workspace, "input")
         y = xp.empty((f, oh * ow * n), dtype=x.dtype)  # new memory: the caller keeps it
+        self._kept_cols = None
+        if self._direct(source):
+            kernels_for(source).conv_direct_forward(source, self.params["weight"], self.params.get("bias"),
+                                                    self.stride, self.padding, y.reshape(f, oh, ow, n))
+        else:
+            self._gemm_forward(source, y, (oh, ow))
+        self._saved = source
+        return as_nchw(y.reshape(f, oh, ow, n))
+
+    def _gemm_forward(self, source: Array, y: Array, out_hw: tuple[int, int]) -> None:
+        """``y`` (F, OH*OW*N) = the weight matrix times each block's columns, plus the bias."""
+        n = source.shape[3]
         weight = self._weight_matrix()
-        blocks = self._column_blocks(source, (oh, ow))
-        for first, cols in blocks:
+        for first, cols in self._column_blocks(source, out_hw):
             matmul(weight, cols, out=y[:, first * n:first * n + cols.shape[1]])
         # One block (it starts at pixel 0 and holds them all): its columns stay for backward.
-        self._kept_cols = cols if first == 0 and cols.shape[1] == oh * ow * n else None
+        self._kept_cols = cols if first == 0 and cols.shape[1] == y.shape[1] else None
         if self.has_bias:
-            bias = self.params["bias"].reshape(f, 1)
+            bias = self.params["bias"].reshape(-1, 1)
 
             def add_bias(start: int, stop: int) -> None:
                 y[start:stop] += bias[start:stop]
 
-            for_blocks(add_bias, f, y[0].nbytes, y)
-        self._saved = source
-        return as_nchw(y.reshape(f, oh, ow, n))
+            for_blocks(add_bias, y.shape[0], y[0].nbytes, y)
 
     def backward(self, grad_out: Array, input_grad: bool = True) -> Array | None:
         """(N, F, OH, OW) -> (N, C, H, W); writes the weight and bias gradients in place.
@@ -120,17 +134,24 @@ class Conv2d(Module):
         _, f, oh, ow = grad_out.shape
         # (F, OH*OW*N): grad_out's own memory when it is batch-last, as ReLU and pooling leave it.
         g = batch_last(grad_out, self._workspace, "g_cols").reshape(f, oh * ow * n)
-        if self.has_bias:
-            xp.sum(g, axis=1, out=self.grads["bias"])
         weight, weight_grad = self._weight_matrix(), self._weight_grad_matrix()
         grad_in = xp.zeros(source.shape, dtype=source.dtype) if input_grad else None
         kernels = kernels_for(source)
-        blocks = [(0, kept)] if kept is not None else self._column_blocks(source, (oh, ow))
+        direct = self._direct(source)
+        if direct:
+            kernels.conv_direct_weight_grad(source, g.reshape(f, oh, ow, n), self.stride, self.padding,
+                                            self.grads["weight"], self.grads.get("bias"))
+            # The input gradient, if wanted, still goes through columns: weight.T @ dY, then col2im.
+            blocks = self._column_blocks(source, (oh, ow), fill=False) if grad_in is not None else []
+        else:
+            if self.has_bias:
+                xp.sum(g, axis=1, out=self.grads["bias"])
+            blocks = [(0, kept)] if kept is not None else self._column_blocks(source, (oh, ow))
         for index, (first, cols) in enumerate(blocks):
             g_block = g[:, first * n:first * n + cols.shape[1]]
-            if index == 0:
+            if not direct and index == 0:
                 matmul(g_block, cols.T, out=weight_grad)
-            else:  # BLAS cannot accumulate through NumPy/CuPy: one small product, then an add
+            elif not direct:  # BLAS cannot accumulate through NumPy/CuPy: one small product, then an add
                 partial = self._workspace.get("weight_grad_block", weight_grad.shape, weight_grad.dtype, xp)
                 matmul(g_block, cols.T, out=partial)
                 weight_grad += partial
@@ -139,11 +160,18 @@ class Conv2d(Module):
                 kernels.col2im_add(cols, grad_in, self.kernel_size, self.stride, self.padding, (oh, ow), first)
         return None if grad_in is None else as_nchw(grad_in)
 
-    def _column_blocks(self, source: Array, out_hw: tuple[int, int]) -> Iterator[tuple[int, Array]]:
+    def _direct(self, source: Array) -> bool:
+        """Whether this layer runs as a direct convolution on ``source``'s device (see
+        :func:`dtrain.nn.cpu_kernels.direct_conv_pays`) instead of im2col + GEMM."""
+        rows = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+        return kernels_for(source).direct_conv_pays(self.out_channels, rows)
+
+    def _column_blocks(self, source: Array, out_hw: tuple[int, int], fill: bool = True
+                       ) -> Iterator[tuple[int, Array]]:
         """``(first pixel, cols)`` for each block of output pixels: the block's (C*kh*kw, P*N)
-        columns of the batch-last input ``source``, in the thread's shared im2col buffer; when
-        one block holds them all, in this layer's own buffer (kept for backward: no larger
-        than a block)."""
+        columns of the batch-last input ``source`` (left unfilled with ``fill=False``), in the
+        thread's shared im2col buffer; when one block holds them all, in this layer's own
+        buffer (kept for backward: no larger than a block)."""
         c, _, _, n = source.shape
         kernels, xp = kernels_for(source), get_array_module(source)
         rows = c * self.kernel_size[0] * self.kernel_size[1]
@@ -155,7 +183,8 @@ class Conv2d(Module):
             buffer = shared_scratch("im2col", rows * largest * n, source.dtype, xp)
         for first, count in blocks:
             cols = buffer[:rows * count * n].reshape(rows, count * n)
-            kernels.im2col(source, self.kernel_size, self.stride, self.padding, out_hw, cols, first)
+            if fill:
+                kernels.im2col(source, self.kernel_size, self.stride, self.padding, out_hw, cols, first)
             yield first, cols
 
     def _weight_matrix(self) -> Array:

@@ -235,6 +235,65 @@ def _avg_pool_backward(gy, kh, kw, sh, sw, ph, pw, share, gx, c0, c1):  # pragma
                             acc[n] += grad[n] * share
 
 
+@njit(nogil=True, cache=True)
+def _conv_direct_forward(x, weight, bias, sh, sw, ph, pw, y, f0, f1):  # pragma: no cover (compiled)
+    channels, height, width, batch = x.shape
+    _, out_h, out_w, _ = y.shape
+    kh, kw = weight.shape[2], weight.shape[3]
+    for f in range(f0, f1):
+        for oh in range(out_h):
+            for ow in range(out_w):
+                acc = y[f, oh, ow]
+                for n in range(batch):
+                    acc[n] = bias[f]
+                for c in range(channels):  # (c, ki, kj) in the order of the im2col rows
+                    for ki in range(kh):
+                        h = oh * sh + ki - ph
+                        if h < 0 or h >= height:
+                            continue
+                        for kj in range(kw):
+                            w = ow * sw + kj - pw
+                            if w < 0 or w >= width:
+                                continue
+                            tap = weight[f, c, ki, kj]
+                            values = x[c, h, w]
+                            for n in range(batch):
+                                acc[n] += tap * values[n]
+
+
+@njit(nogil=True, cache=True)
+def _conv_direct_weight_grad(x, gy, sh, sw, ph, pw, gw, gb, f0, f1):  # pragma: no cover (compiled)
+    channels, height, width, batch = x.shape
+    _, out_h, out_w, _ = gy.shape
+    kh, kw = gw.shape[2], gw.shape[3]
+    acc = np.empty(batch, dtype=gw.dtype)  # one partial sum per sample, added up at the end
+    for f in range(f0, f1):
+        for c in range(channels):
+            for ki in range(kh):
+                for kj in range(kw):
+                    acc[:] = 0
+                    for oh in range(out_h):
+                        h = oh * sh + ki - ph
+                        if h < 0 or h >= height:
+                            continue
+                        for ow in range(out_w):
+                            w = ow * sw + kj - pw
+                            if w < 0 or w >= width:
+                                continue
+                            grad = gy[f, oh, ow]
+                            values = x[c, h, w]
+                            for n in range(batch):
+                                acc[n] += grad[n] * values[n]
+                    gw[f, c, ki, kj] = acc.sum()
+        acc[:] = 0
+        for oh in range(out_h):
+            for ow in range(out_w):
+                grad = gy[f, oh, ow]
+                for n in range(batch):
+                    acc[n] += grad[n]
+        gb[f] = acc.sum()
+
+
 def _computable(a: Array) -> Array:
     """``a`` in a dtype the kernels compile for: float16 goes to float32 (see the module docstring)."""
     if not a.flags.c_contiguous:
@@ -256,6 +315,52 @@ def _per_channel_blocks(kernel, args: tuple, out: Array, bytes_per_channel: int)
     """Run ``kernel(*args, c0, c1)`` over channel blocks of ``out`` on the thread budget."""
     for_blocks(lambda c0, c1: kernel(*args, c0, c1), out.shape[0], bytes_per_channel, out,
                block_bytes=KERNEL_BLOCK_BYTES)
+
+
+# Convolutions whose output values take at most this many multiply-adds each (out_channels
+# x in_channels*kh*kw) run as direct convolutions (see direct_conv_pays).
+DIRECT_CONV_MAX_MACS = 320
+
+
+def direct_conv_pays(out_channels: int, rows: int) -> bool:
+    """Whether a convolution with ``out_channels`` filters of ``rows`` = C*kh*kw taps runs
+    direct (:func:`conv_direct_forward`, :func:`conv_direct_weight_grad`) rather than as
+    im2col + GEMM: a GEMM that small per column is memory-bound, it streams a column matrix
+    kh*kw times the input's size (see the README's Performance section for the measurement)."""
+    return out_channels * rows <= DIRECT_CONV_MAX_MACS
+
+
+def conv_direct_forward(x: Array, weight: Array, bias: Array | None, stride: Pair, padding: Pair, y: Array) -> Array:
+    """Fill ``y`` (F, OH, OW, N) with the cross-correlation of the batch-last input ``x``
+    (C, H, W, N) with ``weight`` (F, C, kh, kw), plus ``bias`` (F,) when given; C-contiguous
+    arrays. Each output sums its taps in im2col row order, starting from the bias."""
+    source = _computable(x)
+    taps = weight.astype(source.dtype, copy=False)
+    shift = bias.astype(source.dtype, copy=False) if bias is not None else np.zeros(weight.shape[0], source.dtype)
+    target = y if y.dtype == source.dtype else np.empty(y.shape, source.dtype)
+    args = (source, taps, shift, *stride, *padding, target)
+    _per_channel_blocks(_conv_direct_forward, args, target, target[0].nbytes * taps[0].size)
+    if target is not y:
+        y[...] = target
+    return y
+
+
+def conv_direct_weight_grad(x: Array, grad: Array, stride: Pair, padding: Pair, weight_grad: Array,
+                            bias_grad: Array | None) -> None:
+    """Write the gradients of :func:`conv_direct_forward`'s ``weight`` into ``weight_grad``
+    (F, C, kh, kw) and of its bias into ``bias_grad`` (F,) if given, from the batch-last
+    input ``x`` (C, H, W, N) and output gradient ``grad`` (F, OH, OW, N). Each tap sums
+    per sample over the output pixels, then over the samples."""
+    source, gy = _computable(x), _computable(grad)
+    f = weight_grad.shape[0]
+    gw = weight_grad if weight_grad.dtype == source.dtype else np.empty(weight_grad.shape, source.dtype)
+    gb = bias_grad if bias_grad is not None and bias_grad.dtype == source.dtype else np.empty(f, source.dtype)
+    args = (source, gy, *stride, *padding, gw, gb)
+    _per_channel_blocks(_conv_direct_weight_grad, args, gy, gy[0].nbytes * gw[0].size)
+    if gw is not weight_grad:
+        weight_grad[...] = gw
+    if bias_grad is not None and gb is not bias_grad:
+        bias_grad[...] = gb
 
 
 def im2col(x: Array, kernel: Pair, stride: Pair, padding: Pair, out_hw: Pair, cols: Array, first: int = 0) -> Array:

@@ -29,6 +29,13 @@ Pair = tuple[int, int]
 # Bytes of one block of im2col columns (see dtrain.nn.conv).
 COLUMN_BLOCK_BYTES = 256 << 20
 
+
+def direct_conv_pays(out_channels: int, rows: int) -> bool:
+    """Never on the GPU: every convolution runs as im2col + cuBLAS. The CPU's direct kernels
+    (:func:`dtrain.nn.cpu_kernels.direct_conv_pays`) are for GEMMs too small to run out of
+    the cache; the device's memory bandwidth runs those at full speed."""
+    return False
+
 # The window geometry every kernel takes after its arrays.
 _GEOMETRY = ("int64 C, int64 H, int64 W, int64 N, int64 KH, int64 KW, int64 SH, int64 SW, "
              "int64 PH, int64 PW, int64 OH, int64 OW")
