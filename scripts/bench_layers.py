@@ -6,7 +6,9 @@
 Both frameworks get the same shapes, dtype (float32) and thread count. For every layer
 the timed repetitions alternate between dtrain and PyTorch (the order flips each
 repetition) so that load from other processes hits both alike; the table shows medians
-and the ratio dtrain / PyTorch (lower is better for dtrain). Both sides compute the
+and the ratio dtrain / PyTorch (lower is better for dtrain). Each framework gets its input
+and output gradient in the memory order its own network hands the layer: PyTorch contiguous
+NCHW, dtrain batch-last (an NCHW view of (C, H, W, N) memory). Both sides compute the
 input gradient, also for the first layer. ``--phase forward`` or ``backward`` times one
 pass alone (the other runs untimed before it). The fully connected layers are included when
 ``dtrain.nn.linear`` is available.
@@ -140,7 +142,8 @@ def bench(case: Case, batch: int, reps: int, warmup: int, phase: str) -> tuple[t
     layer = make_dtrain()
     out_shape = (batch, *layer.output_shape(shape))
     grad = rng.standard_normal(out_shape, dtype=np.float32)
-    steps = {"dtrain": dtrain_step(layer, x, grad, phase), "torch": torch_step(make_torch(), x, grad, phase)}
+    steps = {"dtrain": dtrain_step(layer, as_in_network(x), as_in_network(grad), phase),
+             "torch": torch_step(make_torch(), x, grad, phase)}
     times: dict[str, list[float]] = {"dtrain": [], "torch": []}
     for rep in range(warmup + reps):
         order = ("dtrain", "torch") if rep % 2 == 0 else ("torch", "dtrain")
@@ -150,6 +153,14 @@ def bench(case: Case, batch: int, reps: int, warmup: int, phase: str) -> tuple[t
                 times[framework].append(t)
     flops = batch * layer.flops(shape)
     return out_shape, flops, statistics.median(times["dtrain"]), statistics.median(times["torch"])
+
+
+def as_in_network(a: np.ndarray) -> np.ndarray:
+    """``a`` in the memory order a dtrain network hands a layer: an (N, C, H, W) view of
+    batch-last memory (see dtrain.nn.layout); 2-D arrays as they are."""
+    if a.ndim != 4:
+        return a
+    return np.ascontiguousarray(a.transpose(1, 2, 3, 0)).transpose(3, 0, 1, 2)
 
 
 def limit_blas_threads(threads: int) -> None:

@@ -158,29 +158,32 @@ def _max_pool_forward(x, kh, kw, sh, sw, ph, pw, y, arg, c0, c1):  # pragma: no 
                                 at[n] = k if better else at[n]
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _covering(i, pad, k, s, out):  # pragma: no cover (compiled)
+    """The outputs ``o`` whose window (padded rows o*s .. o*s+k-1) holds input ``i``: from the
+    highest to the lowest, which is the window offset ``i + pad - o*s`` in increasing order."""
+    at = i + pad
+    return min(at // s, out - 1), max(0, (at - k + s) // s)
+
+
 @njit(nogil=True, cache=True)
 def _max_pool_backward(gy, arg, kh, kw, sh, sw, ph, pw, gx, c0, c1):  # pragma: no cover (compiled)
     _, height, width, batch = gx.shape
     _, out_h, out_w, _ = gy.shape
     for c in range(c0, c1):
         for h in range(height):
+            oh_hi, oh_lo = _covering(h, ph, kh, sh, out_h)
             for w in range(width):
+                ow_hi, ow_lo = _covering(w, pw, kw, sw, out_w)
                 acc = gx[c, h, w]
                 for n in range(batch):
                     acc[n] = 0
-                for ki in range(kh):  # the outputs whose window holds (h, w) at offset (ki, kj)
-                    hh = h + ph - ki
-                    if hh < 0 or hh % sh != 0 or hh // sh >= out_h:
-                        continue
-                    oh = hh // sh
-                    for kj in range(kw):
-                        ww = w + pw - kj
-                        if ww < 0 or ww % sw != 0 or ww // sw >= out_w:
-                            continue
-                        ow = ww // sw
+                for oh in range(oh_hi, oh_lo - 1, -1):  # the outputs whose window holds (h, w)
+                    ki = h + ph - oh * sh
+                    for ow in range(ow_hi, ow_lo - 1, -1):
                         grad = gy[c, oh, ow]
                         won = arg[c, oh, ow]
-                        k = ki * kw + kj
+                        k = ki * kw + w + pw - ow * sw
                         for n in range(batch):
                             if won[n] == k:
                                 acc[n] += grad[n]
@@ -217,81 +220,17 @@ def _avg_pool_backward(gy, kh, kw, sh, sw, ph, pw, share, gx, c0, c1):  # pragma
     _, out_h, out_w, _ = gy.shape
     for c in range(c0, c1):
         for h in range(height):
+            oh_hi, oh_lo = _covering(h, ph, kh, sh, out_h)
             for w in range(width):
+                ow_hi, ow_lo = _covering(w, pw, kw, sw, out_w)
                 acc = gx[c, h, w]
                 for n in range(batch):
                     acc[n] = 0
-                for ki in range(kh):
-                    hh = h + ph - ki
-                    if hh < 0 or hh % sh != 0 or hh // sh >= out_h:
-                        continue
-                    oh = hh // sh
-                    for kj in range(kw):
-                        ww = w + pw - kj
-                        if ww < 0 or ww % sw != 0 or ww // sw >= out_w:
-                            continue
-                        grad = gy[c, oh, ww // sw]
+                for oh in range(oh_hi, oh_lo - 1, -1):
+                    for ow in range(ow_hi, ow_lo - 1, -1):
+                        grad = gy[c, oh, ow]
                         for n in range(batch):
                             acc[n] += grad[n] * share
-
-
-@njit(nogil=True, cache=True)
-def _conv_direct_forward(x, weight, bias, sh, sw, ph, pw, y, f0, f1):  # pragma: no cover (compiled)
-    channels, height, width, batch = x.shape
-    _, out_h, out_w, _ = y.shape
-    kh, kw = weight.shape[2], weight.shape[3]
-    for f in range(f0, f1):
-        for oh in range(out_h):
-            for ow in range(out_w):
-                acc = y[f, oh, ow]
-                for n in range(batch):
-                    acc[n] = bias[f]
-                for c in range(channels):  # (c, ki, kj) in the order of the im2col rows
-                    for ki in range(kh):
-                        h = oh * sh + ki - ph
-                        if h < 0 or h >= height:
-                            continue
-                        for kj in range(kw):
-                            w = ow * sw + kj - pw
-                            if w < 0 or w >= width:
-                                continue
-                            tap = weight[f, c, ki, kj]
-                            values = x[c, h, w]
-                            for n in range(batch):
-                                acc[n] += tap * values[n]
-
-
-@njit(nogil=True, cache=True)
-def _conv_direct_weight_grad(x, gy, sh, sw, ph, pw, gw, gb, f0, f1):  # pragma: no cover (compiled)
-    channels, height, width, batch = x.shape
-    _, out_h, out_w, _ = gy.shape
-    kh, kw = gw.shape[2], gw.shape[3]
-    acc = np.empty(batch, dtype=gw.dtype)  # one partial sum per sample, added up at the end
-    for f in range(f0, f1):
-        for c in range(channels):
-            for ki in range(kh):
-                for kj in range(kw):
-                    acc[:] = 0
-                    for oh in range(out_h):
-                        h = oh * sh + ki - ph
-                        if h < 0 or h >= height:
-                            continue
-                        for ow in range(out_w):
-                            w = ow * sw + kj - pw
-                            if w < 0 or w >= width:
-                                continue
-                            grad = gy[f, oh, ow]
-                            values = x[c, h, w]
-                            for n in range(batch):
-                                acc[n] += grad[n] * values[n]
-                    gw[f, c, ki, kj] = acc.sum()
-        acc[:] = 0
-        for oh in range(out_h):
-            for ow in range(out_w):
-                grad = gy[f, oh, ow]
-                for n in range(batch):
-                    acc[n] += grad[n]
-        gb[f] = acc.sum()
 
 
 def _computable(a: Array) -> Array:
