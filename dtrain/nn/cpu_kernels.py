@@ -233,6 +233,65 @@ def _avg_pool_backward(gy, kh, kw, sh, sw, ph, pw, share, gx, c0, c1):  # pragma
                             acc[n] += grad[n] * share
 
 
+@njit(nogil=True, cache=True)
+def _conv_direct_forward(x, weight, bias, sh, sw, ph, pw, y, f0, f1):  # pragma: no cover (compiled)
+    channels, height, width, batch = x.shape
+    _, out_h, out_w, _ = y.shape
+    kh, kw = weight.shape[2], weight.shape[3]
+    for f in range(f0, f1):
+        for oh in range(out_h):
+            for ow in range(out_w):
+                acc = y[f, oh, ow]
+                for n in range(batch):
+                    acc[n] = bias[f]
+                for c in range(channels):  # (c, ki, kj) in the order of the im2col rows
+                    for ki in range(kh):
+                        h = oh * sh + ki - ph
+                        if h < 0 or h >= height:
+                            continue
+                        for kj in range(kw):
+                            w = ow * sw + kj - pw
+                            if w < 0 or w >= width:
+                                continue
+                            tap = weight[f, c, ki, kj]
+                            values = x[c, h, w]
+                            for n in range(batch):
+                                acc[n] += tap * values[n]
+
+
+@njit(nogil=True, cache=True)
+def _conv_direct_weight_grad(x, gy, sh, sw, ph, pw, gw, gb, f0, f1):  # pragma: no cover (compiled)
+    channels, height, width, batch = x.shape
+    _, out_h, out_w, _ = gy.shape
+    kh, kw = gw.shape[2], gw.shape[3]
+    acc = np.empty(batch, dtype=gw.dtype)  # one partial sum per sample, added up at the end
+    for f in range(f0, f1):
+        for c in range(channels):
+            for ki in range(kh):
+                for kj in range(kw):
+                    acc[:] = 0
+                    for oh in range(out_h):
+                        h = oh * sh + ki - ph
+                        if h < 0 or h >= height:
+                            continue
+                        for ow in range(out_w):
+                            w = ow * sw + kj - pw
+                            if w < 0 or w >= width:
+                                continue
+                            grad = gy[f, oh, ow]
+                            values = x[c, h, w]
+                            for n in range(batch):
+                                acc[n] += grad[n] * values[n]
+                    gw[f, c, ki, kj] = acc.sum()
+        acc[:] = 0
+        for oh in range(out_h):
+            for ow in range(out_w):
+                grad = gy[f, oh, ow]
+                for n in range(batch):
+                    acc[n] += grad[n]
+        gb[f] = acc.sum()
+
+
 def _computable(a: Array) -> Array:
     """``a`` in a dtype the kernels compile for: float16 goes to float32 (see the module docstring)."""
     if not a.flags.c_contiguous:
