@@ -195,8 +195,8 @@ def main() -> None:
         totals[0] += d
         totals[1] += t
         rates = f"{passes * flops / d / 1e9:>13.1f}{passes * flops / t / 1e9:>12.1f}" if flops else ""
-        print(f"{case[0]:<7}{out_shape!s:>22}{d * 1e3:>11.1f}{t * 1e3:>10.1f}{d / t:>7.2f}{rates}", flush=True)
-    print(f"{'total':<7}{'':>22}{totals[0] * 1e3:>11.1f}{totals[1] * 1e3:>10.1f}{totals[0] / totals[1]:>7.2f}")
+        print(f"{case[0]:<7}{out_shape!s:>22}{d * 1e3:>11.2f}{t * 1e3:>10.2f}{d / t:>7.2f}{rates}", flush=True)
+    print(f"{'total':<7}{'':>22}{totals[0] * 1e3:>11.2f}{totals[1] * 1e3:>10.2f}{totals[0] / totals[1]:>7.2f}")
 
 
 if __name__ == "__main__":

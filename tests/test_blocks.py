@@ -15,6 +15,12 @@ from dtrain.nn.layout import as_nchw, batch_last
 from dtrain.nn.workspace import Workspace
 
 
+@pytest.fixture(autouse=True)
+def threads_for_any_work(monkeypatch):
+    """These tests' arrays are tiny: let every block count as worth a thread."""
+    monkeypatch.setattr(blocks, "THREAD_MIN_BYTES", 1)
+
+
 @pytest.mark.parametrize("total,parts", [(0, 1), (1, 3), (7, 2), (10, 5), (13, 4)])
 def test_split_evenly_covers_the_range_in_order(total, parts):
     ranges = split_evenly(total, parts)
@@ -57,6 +63,25 @@ def test_for_blocks_uses_the_thread_budget(monkeypatch):
     with threadpool_limits(limits=2, user_api="blas"):
         for_blocks(fn, 8, 8, np.zeros(1))
     assert len(names) == 2
+
+
+@pytest.mark.parametrize("work,threads", [(2 * 4096 - 8, 1), (2 * 4096, 2), (64 * 4096, 2)])
+def test_another_thread_only_for_enough_work(monkeypatch, work, threads):
+    monkeypatch.setattr(blocks, "BLOCK_BYTES", 8)
+    monkeypatch.setattr(blocks, "THREAD_MIN_BYTES", 4096)
+    names = set()
+
+    def fn(start, stop):
+        names.add(threading.current_thread().name)
+        if threads == 2 and start == 0:  # hold the calling thread until the other has run its part
+            done.wait(timeout=10)
+        elif threads == 2:
+            done.set()
+
+    done = threading.Event()
+    with threadpool_limits(limits=2, user_api="blas"):
+        for_blocks(fn, work // 8, 8, np.zeros(1))
+    assert len(names) == threads and threading.current_thread().name in names
 
 
 def test_for_blocks_reraises_a_block_error_after_all_blocks_finish(monkeypatch):

@@ -9,6 +9,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from dtrain.backend import to_host
+from dtrain.nn import blocks
 from dtrain.nn.flat import FlatParameters
 from dtrain.nn.module import Module, Sequential
 from dtrain.optim import OPTIMIZERS, SGD, Adam, AdamW, RMSprop, build_optimizer
@@ -139,6 +140,7 @@ def test_matches_torch_float32(xp, kind, lr, options):
 def test_matches_torch_in_tiny_blocks_on_two_threads(kind, lr, options, monkeypatch):
     # Blocks of one or two elements: every slice of every state buffer must line up.
     monkeypatch.setattr(optim_base, "UPDATE_BLOCK_BYTES", 64)
+    monkeypatch.setattr(blocks, "THREAD_MIN_BYTES", 1)  # the second thread takes part despite tiny work
     with threadpool_limits(limits=2, user_api="blas"):
         run_against_torch(np, np.float64, kind, lr, options, rtol=1e-12)
 

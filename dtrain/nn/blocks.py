@@ -26,6 +26,9 @@ from dtrain.threads import current_blas_threads
 
 # Bytes one block should touch: well inside a core's L2 cache together with its outputs.
 BLOCK_BYTES = 1 << 19
+# Bytes of work each thread beyond the calling one must get: less, and waking the thread
+# and waiting for it costs more than the work it takes over.
+THREAD_MIN_BYTES = 2 << 20
 # Bytes one block of :func:`elementwise` touches: a chain of one or two streaming
 # operations needs no cache blocking, only pieces large enough to outweigh a call's cost.
 ELEMENTWISE_BLOCK_BYTES = 4 << 20
@@ -57,7 +60,8 @@ def for_blocks(fn: Callable[[int, int], None], total: int, bytes_per_item: int, 
     Each range spans about ``block_bytes`` (default :data:`BLOCK_BYTES`) / ``bytes_per_item``
     items (at least one);
     the ranges are shared out over the thread budget in contiguous runs, the calling
-    thread taking the first. ``fn`` must only write what its range owns. ``like`` is an
+    thread taking the first; each other thread only for at least :data:`THREAD_MIN_BYTES`
+    of the work (smaller work runs on the calling thread alone). ``fn`` must only write what its range owns. ``like`` is an
     array of the operation: a GPU array means one call over everything. The first
     exception raised by any block is re-raised once all threads are done.
     """
@@ -68,7 +72,8 @@ def for_blocks(fn: Callable[[int, int], None], total: int, bytes_per_item: int, 
         return
     per_block = max(1, (block_bytes or BLOCK_BYTES) // max(1, bytes_per_item))
     blocks = split_evenly(total, -(-total // per_block))
-    runs = split_evenly(len(blocks), min(current_blas_threads(), len(blocks)))
+    worth = max(1, total * bytes_per_item // THREAD_MIN_BYTES)
+    runs = split_evenly(len(blocks), min(current_blas_threads(), len(blocks), worth))
 
     def run(first: int, last: int) -> None:
         for start, stop in blocks[first:last]:
