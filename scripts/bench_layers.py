@@ -1,7 +1,12 @@
-"""Forward+backward time of each AlexNet-for-MNIST layer, dtrain against PyTorch, in one run.
+"""Forward+backward time of each layer of a model (AlexNet-for-MNIST by default), dtrain against PyTorch, in one run.
 
     python scripts/bench_layers.py --batch 128 --threads 2 --reps 7
     python scripts/bench_layers.py --layers pool1,pool2,pool5 --phase backward
+    python scripts/bench_layers.py --model lenet --conv im2col
+
+``--model lenet`` or ``simple_cnn`` times those models' convolution and pooling layers;
+``--conv direct`` or ``im2col`` makes every dtrain convolution take that algorithm (the
+default, ``auto``, lets ``dtrain.nn.cpu_kernels.direct_conv_pays`` choose, as training does).
 
 Both frameworks get the same shapes, dtype (float32) and thread count. For every layer
 the timed repetitions alternate between dtrain and PyTorch (the order flips each
@@ -9,7 +14,8 @@ repetition) so that load from other processes hits both alike; the table shows m
 and the ratio dtrain / PyTorch (lower is better for dtrain). Each framework gets its input
 and output gradient in the memory order its own network hands the layer: PyTorch contiguous
 NCHW, dtrain batch-last (an NCHW view of (C, H, W, N) memory). Both sides compute the
-input gradient, also for the first layer. ``--phase forward`` or ``backward`` times one
+input gradient, except for the first layer (``conv1``), whose input gradient training
+never computes. ``--phase forward`` or ``backward`` times one
 pass alone (the other runs untimed before it). The fully connected layers are included when
 ``dtrain.nn.linear`` is available.
 """
@@ -33,6 +39,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=2, help="untimed repetitions first (workspaces, caches)")
     ap.add_argument("--layers", default="", help="comma-separated subset, e.g. conv2,pool1")
     ap.add_argument("--phase", default="both", choices=["both", "forward", "backward"], help="what is timed")
+    ap.add_argument("--model", default="alexnet", choices=["alexnet", "lenet", "simple_cnn"], help="whose layers")
+    ap.add_argument("--conv", default="auto", choices=["auto", "direct", "im2col"],
+                    help="the algorithm of dtrain's convolutions")
     return ap.parse_args()
 
 
@@ -49,6 +58,7 @@ import numpy as np
 import torch
 
 from dtrain.allocator import keep_freed_memory
+from dtrain.nn import cpu_kernels
 from dtrain.nn.conv import Conv2d
 from dtrain.nn.activation import ReLU
 from dtrain.nn.pool import MaxPool2d
@@ -57,15 +67,15 @@ from dtrain.nn.pool import MaxPool2d
 Case = tuple[str, tuple[int, ...], Callable[[], Any], Callable[[], torch.nn.Module]]
 
 
-def conv(name: str, shape: tuple[int, ...], out_channels: int, kernel: int, padding: int) -> Case:
+def conv(name: str, shape: tuple[int, ...], out_channels: int, kernel: int, padding: int, stride: int = 1) -> Case:
     in_channels = shape[0]
     return (name, shape,
-            lambda: Conv2d(in_channels, out_channels, kernel, padding=padding, rng=np.random.default_rng(0)),
-            lambda: torch.nn.Conv2d(in_channels, out_channels, kernel, padding=padding))
+            lambda: Conv2d(in_channels, out_channels, kernel, stride, padding, rng=np.random.default_rng(0)),
+            lambda: torch.nn.Conv2d(in_channels, out_channels, kernel, stride, padding))
 
 
-def maxpool(name: str, shape: tuple[int, ...]) -> Case:
-    return (name, shape, lambda: MaxPool2d(3, 2), lambda: torch.nn.MaxPool2d(3, 2))
+def maxpool(name: str, shape: tuple[int, ...], kernel: int = 3, stride: int = 2) -> Case:
+    return (name, shape, lambda: MaxPool2d(kernel, stride), lambda: torch.nn.MaxPool2d(kernel, stride))
 
 
 def relu(name: str, shape: tuple[int, ...]) -> Case:
@@ -102,20 +112,35 @@ def alexnet_cases() -> list[Case]:
     ]
 
 
-def dtrain_step(layer: Any, x: np.ndarray, grad: np.ndarray, phase: str) -> Callable[[], float]:
+def lenet_cases() -> list[Case]:
+    return [conv("conv1", (1, 28, 28), 6, 5, 0), maxpool("pool1", (6, 24, 24), 2, 2),
+            conv("conv2", (6, 12, 12), 16, 5, 0), maxpool("pool2", (16, 8, 8), 2, 2)]
+
+
+def simple_cnn_cases() -> list[Case]:
+    return [conv("conv1", (1, 28, 28), 32, 2, 0, 2), conv("conv2", (32, 14, 14), 64, 2, 1, 2),
+            conv("conv3", (64, 8, 8), 128, 2, 0, 2)]
+
+
+# Every model's first layer: neither framework computes its input gradient in training.
+FIRST_LAYER = "conv1"
+
+
+def dtrain_step(layer: Any, x: np.ndarray, grad: np.ndarray, phase: str, input_grad: bool) -> Callable[[], float]:
     """One forward and backward pass; returns the seconds of ``phase``."""
     def step() -> float:
         start = time.perf_counter()
         layer.forward(x)
         middle = time.perf_counter()
-        layer.backward(grad)
+        layer.backward(grad, input_grad=input_grad)
         return _phase_seconds(start, middle, time.perf_counter(), phase)
 
     return step
 
 
-def torch_step(layer: torch.nn.Module, x: np.ndarray, grad: np.ndarray, phase: str) -> Callable[[], float]:
-    xt = torch.from_numpy(x).requires_grad_(True)
+def torch_step(layer: torch.nn.Module, x: np.ndarray, grad: np.ndarray, phase: str,
+               input_grad: bool) -> Callable[[], float]:
+    xt = torch.from_numpy(x).requires_grad_(input_grad)
     gt = torch.from_numpy(grad)
 
     def step() -> float:
@@ -136,14 +161,15 @@ def _phase_seconds(start: float, middle: float, end: float, phase: str) -> float
 
 def bench(case: Case, batch: int, reps: int, warmup: int, phase: str) -> tuple[tuple[int, ...], int, float, float]:
     """(output shape, forward FLOPs, median dtrain seconds, median torch seconds) of ``phase``."""
-    _, shape, make_dtrain, make_torch = case
+    name, shape, make_dtrain, make_torch = case
+    input_grad = name != FIRST_LAYER
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, *shape), dtype=np.float32)
     layer = make_dtrain()
     out_shape = (batch, *layer.output_shape(shape))
     grad = rng.standard_normal(out_shape, dtype=np.float32)
-    steps = {"dtrain": dtrain_step(layer, as_in_network(x), as_in_network(grad), phase),
-             "torch": torch_step(make_torch(), x, grad, phase)}
+    steps = {"dtrain": dtrain_step(layer, as_in_network(x), as_in_network(grad), phase, input_grad),
+             "torch": torch_step(make_torch(), x, grad, phase, input_grad)}
     times: dict[str, list[float]] = {"dtrain": [], "torch": []}
     for rep in range(warmup + reps):
         order = ("dtrain", "torch") if rep % 2 == 0 else ("torch", "dtrain")
@@ -176,7 +202,9 @@ def main() -> None:
     torch.set_num_threads(ARGS.threads)
     limit_blas_threads(ARGS.threads)
     keep_freed_memory()  # as python -m dtrain does (both frameworks share the process)
-    cases = alexnet_cases()
+    if ARGS.conv != "auto":
+        cpu_kernels.DIRECT_CONV_MAX_MACS = 0 if ARGS.conv == "im2col" else 1 << 62
+    cases = {"alexnet": alexnet_cases, "lenet": lenet_cases, "simple_cnn": simple_cnn_cases}[ARGS.model]()
     if ARGS.layers:
         wanted = ARGS.layers.split(",")
         unknown = sorted(set(wanted) - {c[0] for c in cases})
@@ -184,7 +212,8 @@ def main() -> None:
             sys.exit(f"unknown layers {unknown}; choose from {[c[0] for c in cases]}")
         cases = [c for c in cases if c[0] in wanted]
     timed = {"both": "forward+backward", "forward": "forward alone", "backward": "backward alone"}[ARGS.phase]
-    print(f"batch {ARGS.batch}, {ARGS.threads} threads, float32, {timed}, median of {ARGS.reps}; "
+    print(f"{ARGS.model}, batch {ARGS.batch}, {ARGS.threads} threads, float32, {timed}, median of {ARGS.reps}, "
+          f"convolutions: {ARGS.conv}; "
           f"torch {torch.__version__}, numpy {np.__version__}")
     # GFLOP/s counts forward + backward as 3x the forward FLOPs (two GEMMs in backward).
     passes = {"both": 3, "forward": 1, "backward": 2}[ARGS.phase]

@@ -58,6 +58,15 @@ def test_bench_layers_prints_a_ratio_per_layer(phase):
         assert len(table_row(out, layer)) >= 4
 
 
+@pytest.mark.parametrize("conv", ["direct", "im2col"])
+def test_bench_layers_times_a_small_model_under_either_convolution(conv):
+    out = run_script("bench_layers.py", "--batch", "2", "--reps", "1", "--warmup", "0", "--threads", "1",
+                     "--model", "lenet", "--conv", conv)
+    assert f"convolutions: {conv}" in out
+    for layer in ("conv1", "pool1", "conv2", "pool2"):
+        assert len(table_row(out, layer)) >= 4
+
+
 def test_bench_run_memory_compares_a_whole_run_with_its_pytorch_twin():
     out = run_script("bench_run_memory.py", "--model", "lenet", "--steps", "3", "--threads", "1")
     peaks = {name: float(table_row(out, name)[3]) for name in ("dtrain", "torch")}
