@@ -14,7 +14,7 @@ from layer_checks import assert_matches_torch, layer_gradcheck
 from dtrain.backend import to_host
 from dtrain.nn import gemm
 from dtrain.nn.conv import Conv2d
-from dtrain.nn import cpu_kernels
+from dtrain.nn import cpu_kernels, cuda_kernels
 from dtrain.nn.kernels import kernels_for
 from dtrain.nn.workspace import Workspace
 
@@ -240,6 +240,7 @@ def test_direct_kernels_run_where_the_gemm_is_memory_bound(monkeypatch):
     monkeypatch.undo()  # this module's fixture forces im2col; here the real threshold counts
     assert direct(1, 6, 5) and direct(1, 32, 2)
     assert not direct(1, 96, 5) and not direct(6, 16, 5) and not direct(32, 64, 2)
+    assert not cuda_kernels.direct_conv_pays(6, 25)  # on the GPU every convolution is im2col + cuBLAS
 
 
 def test_init_is_seeded_and_kaiming_scaled():

@@ -134,7 +134,7 @@ class Conv2d(Module):
         _, f, oh, ow = grad_out.shape
         # (F, OH*OW*N): grad_out's own memory when it is batch-last, as ReLU and pooling leave it.
         g = batch_last(grad_out, self._workspace, "g_cols").reshape(f, oh * ow * n)
-        weight, weight_grad = self._weight_matrix(), self._weight_grad_matrix()
+        weight = self._weight_matrix()
         grad_in = xp.zeros(source.shape, dtype=source.dtype) if input_grad else None
         kernels = kernels_for(source)
         direct = self._direct(source)
@@ -149,16 +149,25 @@ class Conv2d(Module):
             blocks = [(0, kept)] if kept is not None else self._column_blocks(source, (oh, ow))
         for index, (first, cols) in enumerate(blocks):
             g_block = g[:, first * n:first * n + cols.shape[1]]
-            if not direct and index == 0:
-                matmul(g_block, cols.T, out=weight_grad)
-            elif not direct:  # BLAS cannot accumulate through NumPy/CuPy: one small product, then an add
-                partial = self._workspace.get("weight_grad_block", weight_grad.shape, weight_grad.dtype, xp)
-                matmul(g_block, cols.T, out=partial)
-                weight_grad += partial
+            if not direct:
+                self._add_weight_grad(g_block, cols, accumulate=index > 0)
             if grad_in is not None:
                 matmul(weight.T, g_block, out=cols)  # the block's columns are used up: reuse them
                 kernels.col2im_add(cols, grad_in, self.kernel_size, self.stride, self.padding, (oh, ow), first)
         return None if grad_in is None else as_nchw(grad_in)
+
+    def _add_weight_grad(self, g_block: Array, cols: Array, accumulate: bool) -> None:
+        """Write ``g_block @ cols.T`` (F, C*kh*kw) into the weight gradient, or add it for the
+        blocks after the first."""
+        weight_grad = self._weight_grad_matrix()
+        if not accumulate:
+            matmul(g_block, cols.T, out=weight_grad)
+            return
+        # BLAS cannot accumulate through NumPy/CuPy: one small product, then an add.
+        xp = get_array_module(weight_grad)
+        partial = self._workspace.get("weight_grad_block", weight_grad.shape, weight_grad.dtype, xp)
+        matmul(g_block, cols.T, out=partial)
+        weight_grad += partial
 
     def _direct(self, source: Array) -> bool:
         """Whether this layer runs as a direct convolution on ``source``'s device (see
