@@ -58,12 +58,12 @@ def for_blocks(fn: Callable[[int, int], None], total: int, bytes_per_item: int, 
     """Call ``fn(start, stop)`` on consecutive ranges that cover ``0 .. total`` once.
 
     Each range spans about ``block_bytes`` (default :data:`BLOCK_BYTES`) / ``bytes_per_item``
-    items (at least one);
-    the ranges are shared out over the thread budget in contiguous runs, the calling
-    thread taking the first; each other thread only for at least :data:`THREAD_MIN_BYTES`
-    of the work (smaller work runs on the calling thread alone). ``fn`` must only write what its range owns. ``like`` is an
-    array of the operation: a GPU array means one call over everything. The first
-    exception raised by any block is re-raised once all threads are done.
+    items (at least one); the ranges are shared out over the thread budget in contiguous
+    runs, the calling thread taking the first, each other thread only for at least
+    :data:`THREAD_MIN_BYTES` of the work (smaller work runs on the calling thread alone).
+    ``fn`` must only write what its range owns. ``like`` is an array of the operation: a
+    GPU array means one call over everything. The first exception raised by any block is
+    re-raised once all threads are done.
     """
     if total <= 0:
         return
