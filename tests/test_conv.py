@@ -2,8 +2,10 @@
 the skipped input gradient, workspace reuse, the direct kernels and when they run, errors.
 
 Every test runs the im2col + GEMM path unless it asks for the ``algorithm`` fixture, which
-runs it under both algorithms: most of these layers are small enough that
-``direct_conv_pays`` would pick the direct kernels by itself."""
+runs it under each algorithm (im2col, direct, Winograd where the geometry allows it): most
+of these layers are small enough that ``direct_conv_pays`` would pick the direct kernels by
+itself, and too small for ``winograd_tile`` to pick Winograd. The Winograd transforms and
+tile choice have their own tests in ``test_winograd.py``."""
 from __future__ import annotations
 
 import numpy as np
@@ -27,6 +29,10 @@ CASES = [
     (2, 3, 2, 10, 11, 4, 3, 2, True),  # (H + 2P - K) not divisible by the stride
     (1, 2, 3, 9, 7, (2, 5), (3, 2), (0, 1), False),  # rectangular everything, batch 1
     (4, 5, 6, 5, 5, 5, 2, 2, True),  # kernel as large as the input
+    (2, 3, 4, 6, 6, 3, 1, 1, True),  # Winograd: F(3x3, 3x3) tiles that fit the output exactly
+    (3, 2, 3, 7, 8, 3, 1, 1, False),  # Winograd: tiles overhanging the output's edge, no bias
+    (2, 4, 2, 13, 13, 5, 1, 2, True),  # Winograd: a 5x5 kernel, AlexNet's conv2 geometry
+    (1, 2, 2, 6, 7, 2, 1, 0, True),  # Winograd: a 2x2 kernel, the largest tile (alpha 7)
 ]
 CASE_IDS = [f"n{c[0]}c{c[1]}f{c[2]}_{c[3]}x{c[4]}_k{c[5]}s{c[6]}p{c[7]}{'' if c[8] else '_nobias'}" for c in CASES]
 
@@ -34,15 +40,18 @@ CASE_IDS = [f"n{c[0]}c{c[1]}f{c[2]}_{c[3]}x{c[4]}_k{c[5]}s{c[6]}p{c[7]}{'' if c[
 @pytest.fixture(autouse=True)
 def im2col_unless_asked(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "DIRECT_CONV_MAX_MACS", 0)
+    monkeypatch.setattr(cpu_kernels, "WINOGRAD_MIN_CHANNELS", 1 << 40)
 
 
-@pytest.fixture(params=["im2col", "direct"])
+@pytest.fixture(params=["im2col", "direct", "winograd"])
 def algorithm(request, monkeypatch) -> str:
-    """Run the test under both algorithms (on the GPU there is only im2col)."""
+    """Run the test under each algorithm (on the GPU there is only im2col); "winograd" runs
+    every layer that F(m x m, r x r) can run (square kernel, stride 1) that way."""
     xp = request.getfixturevalue("xp") if "xp" in request.fixturenames else np
-    if request.param == "direct" and xp is not np:
-        pytest.skip("the direct kernels are CPU only")
-    monkeypatch.setattr(cpu_kernels, "DIRECT_CONV_MAX_MACS", 0 if request.param == "im2col" else 1 << 40)
+    if request.param != "im2col" and xp is not np:
+        pytest.skip(f"the {request.param} kernels are CPU only")
+    monkeypatch.setattr(cpu_kernels, "DIRECT_CONV_MAX_MACS", 1 << 40 if request.param == "direct" else 0)
+    monkeypatch.setattr(cpu_kernels, "WINOGRAD_MIN_CHANNELS", 1 if request.param == "winograd" else 1 << 40)
     return request.param
 
 
@@ -60,7 +69,7 @@ def test_matches_torch(xp, rng, dtype, case, algorithm):
                          x.astype(dtype), xp, rng)
 
 
-@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[4]], ids=[CASE_IDS[1], CASE_IDS[2], CASE_IDS[4]])
+@pytest.mark.parametrize("case", [CASES[i] for i in (1, 2, 4, 7, 8, 10)], ids=[CASE_IDS[i] for i in (1, 2, 4, 7, 8, 10)])
 def test_finite_differences(xp, rng, case, algorithm):
     layer, x = make_pair(case, rng, np.float64)
     layer_gradcheck(layer.to(xp), xp.asarray(x), rng)

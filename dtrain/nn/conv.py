@@ -16,6 +16,7 @@ from dtrain.nn.init import bias_uniform, initialize
 from dtrain.nn.kernels import kernels_for
 from dtrain.nn.layout import as_nchw, batch_last
 from dtrain.nn.module import Array, Module, Shape
+from dtrain.nn import winograd
 from dtrain.nn.workspace import Workspace, shared_scratch
 
 
@@ -90,9 +91,13 @@ class Conv2d(Module):
         source = batch_last(x, self._workspace, "input")
         y = xp.empty((f, oh * ow * n), dtype=x.dtype)  # new memory: the caller keeps it
         self._kept_cols = None
+        tile = self._winograd_tile(source, (oh, ow))
         if self._direct(source):
             kernels_for(source).conv_direct_forward(source, self.params["weight"], self.params.get("bias"),
                                                     self.stride, self.padding, y.reshape(f, oh, ow, n))
+        elif tile:
+            winograd.forward(kernels_for(source), source, self.params["weight"], self.params.get("bias"),
+                             self.padding, tile, y.reshape(f, oh, ow, n))
         else:
             self._gemm_forward(source, y, (oh, ow))
         self._saved = source
@@ -143,6 +148,12 @@ class Conv2d(Module):
                                             self.grads["weight"], self.grads.get("bias"))
             # The input gradient, if wanted, still goes through columns: weight.T @ dY, then col2im.
             blocks = self._column_blocks(source, (oh, ow), fill=False) if grad_in is not None else []
+        elif tile := self._winograd_tile(source, (oh, ow)):
+            if self.has_bias:
+                xp.sum(g, axis=1, out=self.grads["bias"])
+            winograd.backward(kernels, source, g.reshape(f, oh, ow, n), self.params["weight"], self.padding, tile,
+                              self.grads["weight"], grad_in)
+            blocks = []
         else:
             if self.has_bias:
                 xp.sum(g, axis=1, out=self.grads["bias"])
@@ -175,6 +186,12 @@ class Conv2d(Module):
         rows = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
         return kernels_for(source).direct_conv_pays(self.out_channels, rows)
 
+    def _winograd_tile(self, source: Array, out_hw: tuple[int, int]) -> int:
+        """The output tile side with which this layer runs as Winograd F(m x m, r x r) on
+        ``source``'s device (see :mod:`dtrain.nn.winograd`), 0 when it does not."""
+        return kernels_for(source).winograd_tile(self.out_channels, self.in_channels, self.kernel_size, self.stride,
+                                                 out_hw, source.dtype)
+
     def _column_blocks(self, source: Array, out_hw: tuple[int, int], fill: bool = True
                        ) -> Iterator[tuple[int, Array]]:
         """``(first pixel, cols)`` for each block of output pixels: the block's (C*kh*kw, P*N)
@@ -189,7 +206,7 @@ class Conv2d(Module):
         if len(blocks) == 1:
             buffer = self._workspace.get("cols", (rows * largest * n,), source.dtype, xp)
         else:
-            buffer = shared_scratch("im2col", rows * largest * n, source.dtype, xp)
+            buffer = shared_scratch("columns", rows * largest * n, source.dtype, xp)
         for first, count in blocks:
             cols = buffer[:rows * count * n].reshape(rows, count * n)
             if fill:

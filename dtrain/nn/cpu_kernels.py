@@ -68,6 +68,12 @@ def _add(target, source):  # pragma: no cover (compiled)
         target[i] += source[i]
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _axpy(target, coef, source):  # pragma: no cover (compiled)
+    for i in range(target.shape[0]):
+        target[i] += coef * source[i]
+
+
 @njit(nogil=True, cache=True)
 def _im2col(x, kh, kw, sh, sw, ph, pw, out_w, first, cols, c0, c1):  # pragma: no cover (compiled)
     _, height, width, batch = x.shape
@@ -292,6 +298,172 @@ def _conv_direct_weight_grad(x, gy, sh, sw, ph, pw, gw, gb, f0, f1):  # pragma: 
         gb[f] = acc.sum()
 
 
+@njit(nogil=True, cache=True)
+def _winograd_weight(weight, g, u, f0, f1):  # pragma: no cover (compiled)
+    channels, r = weight.shape[1], weight.shape[2]
+    alpha = g.shape[0]
+    taps = np.empty((r, r, channels), dtype=u.dtype)  # one filter, channels innermost
+    half = np.empty((alpha, r, channels), dtype=u.dtype)  # G w: (a, l, c)
+    for f in range(f0, f1):
+        for k in range(r):
+            for l in range(r):
+                for c in range(channels):
+                    taps[k, l, c] = weight[f, c, k, l]
+        half[:] = 0
+        for a in range(alpha):
+            for k in range(r):
+                coef = g[a, k]
+                if coef != 0:
+                    for l in range(r):
+                        _axpy(half[a, l], coef, taps[k, l])
+        for a in range(alpha):
+            for b in range(alpha):
+                out = u[a * alpha + b, f]
+                _zero(out)
+                for l in range(r):
+                    coef = g[b, l]
+                    if coef != 0:
+                        _axpy(out, coef, half[a, l])
+
+
+@njit(nogil=True, cache=True)
+def _winograd_weight_grad(du, g, weight_grad, f0, f1):  # pragma: no cover (compiled)
+    channels, r = weight_grad.shape[1], weight_grad.shape[2]
+    alpha = g.shape[0]
+    half = np.empty((r, alpha, channels), dtype=du.dtype)  # G^T dU over a: (k, b, c)
+    tap = np.empty(channels, dtype=du.dtype)
+    for f in range(f0, f1):
+        half[:] = 0
+        for a in range(alpha):
+            for k in range(r):
+                coef = g[a, k]
+                if coef != 0:
+                    for b in range(alpha):
+                        _axpy(half[k, b], coef, du[a * alpha + b, f])
+        for k in range(r):
+            for l in range(r):
+                _zero(tap)
+                for b in range(alpha):
+                    coef = g[b, l]
+                    if coef != 0:
+                        _axpy(tap, coef, half[k, b])
+                for c in range(channels):
+                    weight_grad[f, c, k, l] = tap[c]
+
+
+@njit(nogil=True, cache=True)
+def _winograd_input(x, bt, m, ph, pw, tiles_w, first, v, c0, c1):  # pragma: no cover (compiled)
+    _, height, width, batch = x.shape
+    alpha = bt.shape[0]
+    rows = np.empty((alpha, alpha, batch), dtype=v.dtype)  # B^T d: (a, j, n)
+    for c in range(c0, c1):
+        for t in range(v.shape[2] // batch):
+            ty, tx = divmod(first + t, tiles_w)
+            rows[:] = 0
+            for i in range(alpha):
+                h = ty * m + i - ph
+                if h < 0 or h >= height:
+                    continue
+                for j in range(alpha):
+                    w = tx * m + j - pw
+                    if w < 0 or w >= width:
+                        continue
+                    for a in range(alpha):
+                        coef = bt[a, i]
+                        if coef != 0:
+                            _axpy(rows[a, j], coef, x[c, h, w])
+            for a in range(alpha):
+                for b in range(alpha):
+                    out = v[a * alpha + b, c, t * batch:(t + 1) * batch]
+                    _zero(out)
+                    for j in range(alpha):
+                        coef = bt[b, j]
+                        if coef != 0:
+                            _axpy(out, coef, rows[a, j])
+
+
+@njit(nogil=True, cache=True)
+def _winograd_output(mm, at, bias, m, tiles_w, first, y, f0, f1):  # pragma: no cover (compiled)
+    _, out_h, out_w, batch = y.shape
+    alpha = at.shape[1]
+    cols = np.empty((m, alpha, batch), dtype=y.dtype)  # A^T M: (i, b, n)
+    for f in range(f0, f1):
+        for t in range(mm.shape[2] // batch):
+            ty, tx = divmod(first + t, tiles_w)
+            cols[:] = 0
+            for a in range(alpha):
+                for b in range(alpha):
+                    values = mm[a * alpha + b, f, t * batch:(t + 1) * batch]
+                    for i in range(m):
+                        coef = at[i, a]
+                        if coef != 0:
+                            _axpy(cols[i, b], coef, values)
+            for i in range(min(m, out_h - ty * m)):
+                for j in range(min(m, out_w - tx * m)):
+                    out = y[f, ty * m + i, tx * m + j]
+                    out[:] = bias[f]
+                    for b in range(alpha):
+                        coef = at[j, b]
+                        if coef != 0:
+                            _axpy(out, coef, cols[i, b])
+
+
+@njit(nogil=True, cache=True)
+def _winograd_output_grad(gy, at, m, tiles_w, first, dm, f0, f1):  # pragma: no cover (compiled)
+    _, out_h, out_w, batch = gy.shape
+    alpha = at.shape[1]
+    rows = np.empty((alpha, m, batch), dtype=dm.dtype)  # A dY over i: (a, j, n)
+    for f in range(f0, f1):
+        for t in range(dm.shape[2] // batch):
+            ty, tx = divmod(first + t, tiles_w)
+            rows[:] = 0
+            for i in range(min(m, out_h - ty * m)):
+                for j in range(min(m, out_w - tx * m)):
+                    for a in range(alpha):
+                        coef = at[i, a]
+                        if coef != 0:
+                            _axpy(rows[a, j], coef, gy[f, ty * m + i, tx * m + j])
+            for a in range(alpha):
+                for b in range(alpha):
+                    out = dm[a * alpha + b, f, t * batch:(t + 1) * batch]
+                    _zero(out)
+                    for j in range(m):
+                        coef = at[j, b]
+                        if coef != 0:
+                            _axpy(out, coef, rows[a, j])
+
+
+@njit(nogil=True, cache=True)
+def _winograd_input_grad_add(dv, bt, m, ph, pw, tiles_w, first, gx, c0, c1):  # pragma: no cover (compiled)
+    _, height, width, batch = gx.shape
+    alpha = bt.shape[0]
+    cols = np.empty((alpha, alpha, batch), dtype=gx.dtype)  # B dV over a: (i, b, n)
+    for c in range(c0, c1):
+        for t in range(dv.shape[2] // batch):
+            ty, tx = divmod(first + t, tiles_w)
+            cols[:] = 0
+            for a in range(alpha):
+                for b in range(alpha):
+                    values = dv[a * alpha + b, c, t * batch:(t + 1) * batch]
+                    for i in range(alpha):
+                        coef = bt[a, i]
+                        if coef != 0:
+                            _axpy(cols[i, b], coef, values)
+            for i in range(alpha):
+                h = ty * m + i - ph
+                if h < 0 or h >= height:
+                    continue
+                for j in range(alpha):
+                    w = tx * m + j - pw
+                    if w < 0 or w >= width:
+                        continue
+                    out = gx[c, h, w]
+                    for b in range(alpha):
+                        coef = bt[b, j]
+                        if coef != 0:
+                            _axpy(out, coef, cols[i, b])
+
+
 def _computable(a: Array) -> Array:
     """``a`` in a dtype the kernels compile for: float16 goes to float32 (see the module docstring)."""
     if not a.flags.c_contiguous:
@@ -359,6 +531,84 @@ def conv_direct_weight_grad(x: Array, grad: Array, stride: Pair, padding: Pair, 
         weight_grad[...] = gw
     if bias_grad is not None and gb is not bias_grad:
         bias_grad[...] = gb
+
+
+# Winograd's F(m x m, r x r) (see dtrain.nn.winograd) runs convolutions whose filters and
+# input channels both number at least this; with fewer, the GEMMs in the transformed domain
+# are too small to be compute-bound and the transforms cost more than they save.
+WINOGRAD_MIN_CHANNELS = 64
+# The largest transformed tile side (alpha = m + r - 1): larger tiles take interpolation
+# points beyond 0, 1, -1 and 2, whose transforms lose float32 accuracy.
+WINOGRAD_MAX_ALPHA = 7
+
+
+def winograd_tile(out_channels: int, in_channels: int, kernel: Pair, stride: Pair, out_hw: Pair,
+                  dtype: np.dtype) -> int:
+    """The output tile side m with which a convolution runs as Winograd F(m x m, r x r)
+    (:mod:`dtrain.nn.winograd`), or 0 when it runs otherwise: square kernels of r >= 2 taps,
+    stride 1, float32 or float64, enough filters and channels. m is the one, among tiles of
+    at most ``WINOGRAD_MAX_ALPHA`` transformed values a side, that multiplies least (tiles
+    x alpha^2; the smaller m on a tie)."""
+    r = kernel[0]
+    if (kernel[1] != r or r < 2 or tuple(stride) != (1, 1) or np.dtype(dtype) not in (np.float32, np.float64)
+            or min(out_channels, in_channels) < WINOGRAD_MIN_CHANNELS):
+        return 0
+
+    def products(m: int) -> int:  # multiplications per channel pair and sample
+        return -(-out_hw[0] // m) * -(-out_hw[1] // m) * (m + r - 1) ** 2
+
+    sizes = range(2, WINOGRAD_MAX_ALPHA - r + 2)
+    best = min(sizes, key=products, default=0)
+    return best if best and products(best) < out_hw[0] * out_hw[1] * r * r else 0
+
+
+def winograd_weight(weight: Array, g: Array, u: Array) -> Array:
+    """Fill ``u`` (alpha^2, F, C) with the transformed filters ``G w G^T`` of ``weight`` (F, C,
+    r, r), ``u[a*alpha + b, f, c] = sum_kl G[a, k] weight[f, c, k, l] G[b, l]``."""
+    _per_channel_blocks(_winograd_weight, (_computable(weight), g, u), weight, u[:, 0].nbytes * 2)
+    return u
+
+
+def winograd_weight_grad(du: Array, g: Array, weight_grad: Array) -> Array:
+    """The adjoint of :func:`winograd_weight`: write ``G^T du G`` of ``du`` (alpha^2, F, C)
+    into ``weight_grad`` (F, C, r, r)."""
+    _per_channel_blocks(_winograd_weight_grad, (du, g, weight_grad), weight_grad, du[:, 0].nbytes * 2)
+    return weight_grad
+
+
+def winograd_input(x: Array, bt: Array, m: int, padding: Pair, tiles_w: int, first: int, v: Array) -> Array:
+    """Fill ``v`` (alpha^2, C, T*N) with ``B^T d B`` of each input tile d (alpha x alpha, zero
+    outside the image) of tiles ``first .. first+T-1`` (row-major over the tile grid, ``tiles_w``
+    tiles a row; tile (ty, tx) starts at input pixel (ty*m - ph, tx*m - pw)) of the batch-last
+    input ``x`` (C, H, W, N); column ``t*N + n`` holds tile ``first + t`` of sample n."""
+    args = (_computable(x), bt, m, *padding, tiles_w, first, v)
+    _per_channel_blocks(_winograd_input, args, x, v[:, 0].nbytes * 2)
+    return v
+
+
+def winograd_output(mm: Array, at: Array, bias: Array, m: int, tiles_w: int, first: int, y: Array) -> Array:
+    """Write ``A^T M A + bias`` of each transformed product M in ``mm`` (alpha^2, F, T*N) to
+    output tiles ``first .. first+T-1`` (m x m, cut at the edge) of ``y`` (F, OH, OW, N)."""
+    _per_channel_blocks(_winograd_output, (mm, at, bias, m, tiles_w, first, y), y, mm[:, 0].nbytes * 2)
+    return y
+
+
+def winograd_output_grad(grad: Array, at: Array, m: int, tiles_w: int, first: int, dm: Array) -> Array:
+    """The adjoint of :func:`winograd_output`: fill ``dm`` (alpha^2, F, T*N) with ``A dY A^T``
+    of output tiles ``first .. first+T-1`` of the gradient ``grad`` (F, OH, OW, N)."""
+    _per_channel_blocks(_winograd_output_grad, (_computable(grad), at, m, tiles_w, first, dm), grad,
+                        dm[:, 0].nbytes * 2)
+    return dm
+
+
+def winograd_input_grad_add(dv: Array, bt: Array, m: int, padding: Pair, tiles_w: int, first: int,
+                            gx: Array) -> Array:
+    """The adjoint of :func:`winograd_input`: add ``B dV B^T`` of each tile of ``dv`` (alpha^2,
+    C, T*N) into the input gradient ``gx`` (C, H, W, N) where the tile lies inside the image;
+    overlapping tiles add in tile order."""
+    _per_channel_blocks(_winograd_input_grad_add, (dv, bt, m, *padding, tiles_w, first, gx), gx,
+                        dv[:, 0].nbytes * 2)
+    return gx
 
 
 def im2col(x: Array, kernel: Pair, stride: Pair, padding: Pair, out_hw: Pair, cols: Array, first: int = 0) -> Array:

@@ -36,6 +36,13 @@ def direct_conv_pays(out_channels: int, rows: int) -> bool:
     the cache; the device's memory bandwidth runs those at full speed."""
     return False
 
+def winograd_tile(out_channels: int, in_channels: int, kernel: Pair, stride: Pair, out_hw: Pair,
+                  dtype: Any) -> int:
+    """0: on the GPU every convolution runs as im2col + cuBLAS (the CPU's Winograd
+    transforms, :func:`dtrain.nn.cpu_kernels.winograd_tile`, have no CUDA kernels)."""
+    return 0
+
+
 # The window geometry every kernel takes after its arrays.
 _GEOMETRY = ("int64 C, int64 H, int64 W, int64 N, int64 KH, int64 KW, int64 SH, int64 SW, "
              "int64 PH, int64 PW, int64 OH, int64 OW")
