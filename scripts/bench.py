@@ -11,12 +11,13 @@ arithmetic unless ``--tf32`` lets both use TF32 tensor cores (PyTorch allows TF3
 cuDNN convolutions by default; here it is switched off for a like-for-like comparison).
 
 Alongside, in the same run: the GEMM roof (NumPy's float32 GEMM on 2048 x 2048 matrices
-with the same threads: the best the BLAS does) and the model's own GEMMs timed alone (the
-forward, weight-gradient and input-gradient products of every Conv2d and Linear, at the
-shapes im2col gives them; none for the first layer's input gradient, which neither
-framework computes). Each framework's training rate is printed in GFLOP/s (3 x forward
-FLOPs per image) and as a fraction of the roof; "GEMMs alone" is the most an im2col
-design can reach on this BLAS. The header names the BLAS kernels (``OPENBLAS_CORETYPE``
+with the same threads: the best the BLAS does) and the model's own GEMMs timed alone (every
+product of one dtrain training step, recorded at the shapes the layers make them: im2col's,
+Winograd's and the fully connected layers'; none for the first layer's input gradient,
+which neither framework computes). Each framework's training rate is printed in GFLOP/s
+(3 x the forward FLOPs per image of a direct convolution, for both frameworks, although
+Winograd's layers multiply less) and as a fraction of the roof; "GEMMs alone" is the rate
+dtrain would reach if its step were only its GEMMs. The header names the BLAS kernels (``OPENBLAS_CORETYPE``
 picks others) and PyTorch's CPU capability (``ONEDNN_MAX_CPU_ISA=AVX2`` holds oneDNN to AVX2).
 
 ``--memory`` runs each framework alone in a fresh child process (so neither sees the
@@ -51,6 +52,7 @@ from dtrain.backend import synchronize, xp_for
 from dtrain.config import load_model_spec
 from dtrain.export import to_torch_sequential
 from dtrain.models import build_model
+from dtrain.nn import gemm
 from dtrain.nn.flat import FlatParameters
 from dtrain.nn.loss import SoftmaxCrossEntropy
 from dtrain.optim import build_optimizer
@@ -228,41 +230,34 @@ def step_model_flops(name: str) -> int:
     return build_model(spec, seed=0).flops(tuple(spec["input_shape"]))
 
 
-def model_gemms(name: str, batch: int) -> list[tuple[int, int, int, bool, bool]]:
-    """(M, K, N, a transposed, b transposed) of every GEMM in one training step, as im2col lays them out."""
-    from dtrain.nn.conv import Conv2d
-    from dtrain.nn.linear import Linear
+def model_gemms(name: str, batch: int) -> list[tuple[tuple[int, int], bool, tuple[int, int], bool]]:
+    """(a's shape, a transposed, b's shape, b transposed) of every GEMM of one dtrain training
+    step on the CPU, recorded as the layers make them: im2col's, Winograd's (alpha^2 per block
+    of tiles) and the fully connected layers'."""
+    step, _, _, _ = dtrain_setup(name, argparse.Namespace(device="cpu", batch=batch))
+    calls = []
 
-    spec = load_model_spec(name)
-    model = build_model(spec, seed=0)
-    shape, gemms, first = tuple(spec["input_shape"]), [], True
-    for layer in model.layers:
-        if isinstance(layer, Conv2d):
-            f, oh, ow = layer.output_shape(shape)
-            k, cols = layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1], oh * ow * batch
-            gemms += [(f, k, cols, False, False), (f, cols, k, False, True)]  # forward, weight gradient
-            if not first:
-                gemms.append((k, f, cols, True, False))  # input gradient (columns)
-        elif isinstance(layer, Linear):
-            i, o = layer.in_features, layer.out_features
-            gemms += [(batch, i, o, False, True), (o, batch, i, True, False)]
-            if not first:
-                gemms.append((batch, o, i, False, False))
-        if layer.flops(shape):
-            first = False
-        shape = layer.output_shape(shape)
-    return gemms
+    def record(a: np.ndarray, b: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+        calls.append((a.shape, not a.flags.c_contiguous, b.shape, not b.flags.c_contiguous))
+        return np.matmul(a, b, out=out)
+
+    previous = gemm.set_partitioner(record)
+    try:
+        step()
+    finally:
+        gemm.set_partitioner(previous)
+    return calls
 
 
 def gemm_floor_gflops(name: str, args: argparse.Namespace) -> float:
     """The model's training GFLOP/s if its step were only its GEMMs (each timed alone, best of 5)."""
     rng = np.random.default_rng(0)
     total = 0.0
-    for m, k, n, ta, tb in model_gemms(name, args.batch):
-        a = rng.standard_normal((k, m) if ta else (m, k)).astype(np.float32)
-        b = rng.standard_normal((n, k) if tb else (k, n)).astype(np.float32)
+    for a_shape, ta, b_shape, tb in model_gemms(name, args.batch):
+        a = rng.standard_normal(a_shape[::-1] if ta else a_shape).astype(np.float32)
+        b = rng.standard_normal(b_shape[::-1] if tb else b_shape).astype(np.float32)
         a, b = (a.T if ta else a), (b.T if tb else b)
-        out = np.empty((m, n), np.float32)
+        out = np.empty((a_shape[0], b_shape[1]), np.float32)
         total += best_time(lambda a=a, b=b, out=out: np.matmul(a, b, out=out))
     return 3 * step_model_flops(name) * args.batch / total / 1e9
 

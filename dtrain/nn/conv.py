@@ -1,4 +1,4 @@
-"""2-D convolution (PyTorch's ``nn.Conv2d`` without dilation and groups), via im2col + GEMM."""
+"""2-D convolution (PyTorch's ``nn.Conv2d`` without dilation and groups), via im2col + GEMM, direct or Winograd."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -36,6 +36,9 @@ class Conv2d(Module):
     layers on one image channel have) runs forward and the weight gradient as a direct
     convolution on the CPU instead, without columns; its input gradient, if wanted, still
     takes the GEMM and col2im (:func:`dtrain.nn.cpu_kernels.direct_conv_pays` decides).
+    A wide stride-1 layer with a square kernel (AlexNet's conv2 to conv5) runs as Winograd's
+    F(m x m, r x r) on the CPU instead (:mod:`dtrain.nn.winograd`; ``winograd_tile`` of the
+    kernel set decides, and picks m).
     """
 
     def __init__(

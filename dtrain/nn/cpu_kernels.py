@@ -1,4 +1,5 @@
-"""CPU kernels (Numba) for im2col, col2im and pooling: the API and arithmetic of :mod:`dtrain.nn.cuda_kernels`.
+"""CPU kernels (Numba) for im2col, col2im and pooling: the API and arithmetic of :mod:`dtrain.nn.cuda_kernels`;
+and, CPU only, direct convolutions and Winograd's tile transforms (:mod:`dtrain.nn.winograd`).
 
 Built from NumPy operations, these passes need several array operations per kernel
 offset (max pooling: a compare, a maximum and an argmax update in forward, a compare, a
