@@ -5,8 +5,10 @@
     python scripts/bench_layers.py --model lenet --conv im2col
 
 ``--model lenet`` or ``simple_cnn`` times those models' convolution and pooling layers;
-``--conv direct`` or ``im2col`` makes every dtrain convolution take that algorithm (the
-default, ``auto``, lets ``dtrain.nn.cpu_kernels.direct_conv_pays`` choose, as training does).
+``--conv direct``, ``im2col`` or ``winograd`` makes every dtrain convolution take that
+algorithm (Winograd where the layer's geometry allows it: square kernel, stride 1; im2col
+elsewhere); the default, ``auto``, lets ``dtrain.nn.cpu_kernels`` choose (``direct_conv_pays``,
+``winograd_tile``), as training does.
 
 Both frameworks get the same shapes, dtype (float32) and thread count. For every layer
 the timed repetitions alternate between dtrain and PyTorch (the order flips each
@@ -40,7 +42,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--layers", default="", help="comma-separated subset, e.g. conv2,pool1")
     ap.add_argument("--phase", default="both", choices=["both", "forward", "backward"], help="what is timed")
     ap.add_argument("--model", default="alexnet", choices=["alexnet", "lenet", "simple_cnn"], help="whose layers")
-    ap.add_argument("--conv", default="auto", choices=["auto", "direct", "im2col"],
+    ap.add_argument("--conv", default="auto", choices=["auto", "direct", "im2col", "winograd"],
                     help="the algorithm of dtrain's convolutions")
     return ap.parse_args()
 
@@ -203,7 +205,8 @@ def main() -> None:
     limit_blas_threads(ARGS.threads)
     keep_freed_memory()  # as python -m dtrain does (both frameworks share the process)
     if ARGS.conv != "auto":
-        cpu_kernels.DIRECT_CONV_MAX_MACS = 0 if ARGS.conv == "im2col" else 1 << 62
+        cpu_kernels.DIRECT_CONV_MAX_MACS = 1 << 62 if ARGS.conv == "direct" else 0
+        cpu_kernels.WINOGRAD_MIN_CHANNELS = 1 if ARGS.conv == "winograd" else 1 << 62
     cases = {"alexnet": alexnet_cases, "lenet": lenet_cases, "simple_cnn": simple_cnn_cases}[ARGS.model]()
     if ARGS.layers:
         wanted = ARGS.layers.split(",")

@@ -58,8 +58,8 @@ def test_bench_layers_prints_a_ratio_per_layer(phase):
         assert len(table_row(out, layer)) >= 4
 
 
-@pytest.mark.parametrize("conv", ["direct", "im2col"])
-def test_bench_layers_times_a_small_model_under_either_convolution(conv):
+@pytest.mark.parametrize("conv", ["direct", "im2col", "winograd"])
+def test_bench_layers_times_a_small_model_under_each_convolution(conv):
     out = run_script("bench_layers.py", "--batch", "2", "--reps", "1", "--warmup", "0", "--threads", "1",
                      "--model", "lenet", "--conv", conv)
     assert f"convolutions: {conv}" in out
