@@ -53,15 +53,15 @@ def test_the_tile_is_the_one_with_fewest_products():
 
 
 @pytest.mark.parametrize("reason, args", [
-    ("rectangular kernel", dict(k=(3, 5))),
-    ("stride 2", dict(stride=2)),
-    ("1x1 kernel", dict(k=1)),
-    ("kernel too large for a 7-point tile", dict(k=7)),
-    ("float16", dict(dtype=np.float16)),
-    ("63 channels", dict(c=63)),
+    ("rectangular kernel", {"k": (3, 5)}),
+    ("stride 2", {"stride": 2}),
+    ("1x1 kernel", {"k": 1}),
+    ("kernel too large for a 7-point tile", {"k": 7}),
+    ("float16", {"dtype": np.float16}),
+    ("63 channels", {"c": 63}),
 ])
 def test_layers_winograd_cannot_run_well_stay_on_im2col(reason, args):
-    kwargs = dict(f=64, c=64, k=3) | args
+    kwargs = {"f": 64, "c": 64, "k": 3} | args
     assert tile(**kwargs) == 0, reason
     assert tile(f=64, c=64, k=3) == 3
 

@@ -8,6 +8,7 @@ import numpy as np
 
 from dtrain.backend import DEFAULT_DTYPE, get_array_module
 from dtrain.checks import check_int
+from dtrain.nn import winograd
 from dtrain.nn.blocks import for_blocks
 from dtrain.nn.checks import check_dim, check_dtype, check_rank, pair
 from dtrain.nn.gemm import matmul
@@ -16,7 +17,6 @@ from dtrain.nn.init import bias_uniform, initialize
 from dtrain.nn.kernels import kernels_for
 from dtrain.nn.layout import as_nchw, batch_last
 from dtrain.nn.module import Array, Module, Shape
-from dtrain.nn import winograd
 from dtrain.nn.workspace import Workspace, shared_scratch
 
 

@@ -72,7 +72,7 @@ def _inverse(matrix: list[list[Fraction]]) -> list[list[Fraction]]:
     return [row[size:] for row in rows]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def transforms(m: int, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(A^T, G, B^T)`` of F(m, r) as float64 arrays of shapes (m, alpha), (alpha, r) and
     (alpha, alpha), alpha = m + r - 1: ``A^T @ ((G @ g) * (B^T @ d))`` is the correlation
@@ -97,12 +97,24 @@ def transforms(m: int, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return tuple(np.array([[float(v) for v in row] for row in mat]) for mat in (at, g, bt))
 
 
-def _matrices(m: int, r: int, dtype: np.dtype, xp: ModuleType) -> tuple[Array, Array, Array]:
-    return tuple(xp.asarray(mat, dtype=dtype) for mat in transforms(m, r))
+class _Plan:
+    """What both passes of one layer call need: the transforms in the arrays' dtype, the
+    alpha^2 transformed positions, the tile grid's width and the blocks of tiles."""
 
+    def __init__(self, kernels: ModuleType, x: Array, weight: Array, out_hw: Pair, m: int) -> None:
+        xp = get_array_module(x)
+        f, c, r = weight.shape[0], x.shape[0], weight.shape[2]
+        self.at, self.g, self.bt = (xp.asarray(mat, dtype=x.dtype) for mat in transforms(m, r))
+        self.area = (m + r - 1) ** 2
+        self.tiles_w = -(-out_hw[1] // m)
+        tiles = -(-out_hw[0] // m) * self.tiles_w
+        per_tile = self.area * max(c, f) * x.shape[3] * x.itemsize
+        self.blocks = list(pixel_blocks(tiles, per_tile, kernels.COLUMN_BLOCK_BYTES))
 
-def _tile_blocks(kernels: ModuleType, tiles: int, bytes_per_tile: int) -> list[tuple[int, int]]:
-    return list(pixel_blocks(tiles, bytes_per_tile, kernels.COLUMN_BLOCK_BYTES))
+    def scratch(self, name: str, rows: int, columns: int, like: Array) -> Array:
+        """This thread's shared buffer ``name`` as an (alpha^2, rows, columns) array."""
+        size = self.area * rows * columns
+        return shared_scratch(name, size, like.dtype, get_array_module(like)).reshape(self.area, rows, columns)
 
 
 def forward(kernels: ModuleType, x: Array, weight: Array, bias: Array | None, padding: Pair, m: int,
@@ -110,21 +122,18 @@ def forward(kernels: ModuleType, x: Array, weight: Array, bias: Array | None, pa
     """Fill ``y`` (F, OH, OW, N) with the stride-1 cross-correlation of the batch-last input
     ``x`` (C, H, W, N) with ``weight`` (F, C, r, r), plus ``bias`` (F,) when given, by
     F(m x m, r x r); C-contiguous float32 or float64 arrays."""
-    xp = get_array_module(x)
     f, oh, ow, n = y.shape
-    c, r = x.shape[0], weight.shape[2]
-    at, g, bt = _matrices(m, r, x.dtype, xp)
-    area = (m + r - 1) ** 2
-    tiles_w = -(-ow // m)
-    u = kernels.winograd_weight(weight, g, shared_scratch("winograd_u", area * f * c, x.dtype, xp).reshape(area, f, c))
-    shift = bias if bias is not None else xp.zeros(f, x.dtype)
-    for first, count in _tile_blocks(kernels, -(-oh // m) * tiles_w, area * max(c, f) * n * x.itemsize):
-        v = shared_scratch("columns", area * c * count * n, x.dtype, xp).reshape(area, c, count * n)
-        mm = shared_scratch("winograd_m", area * f * count * n, x.dtype, xp).reshape(area, f, count * n)
-        kernels.winograd_input(x, bt, m, padding, tiles_w, first, v)
-        for xi in range(area):
+    c = x.shape[0]
+    plan = _Plan(kernels, x, weight, (oh, ow), m)
+    u = kernels.winograd_weight(weight, plan.g, plan.scratch("winograd_u", f, c, x))
+    shift = bias if bias is not None else get_array_module(x).zeros(f, x.dtype)
+    for first, count in plan.blocks:
+        v = plan.scratch("columns", c, count * n, x)
+        mm = plan.scratch("winograd_m", f, count * n, x)
+        kernels.winograd_input(x, plan.bt, m, padding, plan.tiles_w, first, v)
+        for xi in range(plan.area):
             matmul(u[xi], v[xi], out=mm[xi])
-        kernels.winograd_output(mm, at, shift, m, tiles_w, first, y)
+        kernels.winograd_output(mm, plan.at, shift, m, plan.tiles_w, first, y)
 
 
 def backward(kernels: ModuleType, x: Array, grad: Array, weight: Array, padding: Pair, m: int,
@@ -132,31 +141,25 @@ def backward(kernels: ModuleType, x: Array, grad: Array, weight: Array, padding:
     """The gradients of :func:`forward`: write the weight gradient (F, C, r, r) into
     ``weight_grad`` from the input ``x`` (C, H, W, N) and the output gradient ``grad`` (F,
     OH, OW, N); add the input gradient into ``grad_in`` (C, H, W, N) unless it is None."""
-    xp = get_array_module(x)
     f, oh, ow, n = grad.shape
-    c, r = x.shape[0], weight.shape[2]
-    at, g, bt = _matrices(m, r, x.dtype, xp)
-    area = (m + r - 1) ** 2
-    tiles_w = -(-ow // m)
-    u = None
-    if grad_in is not None:
-        u = kernels.winograd_weight(weight, g,
-                                    shared_scratch("winograd_u", area * f * c, x.dtype, xp).reshape(area, f, c))
-    du = shared_scratch("winograd_du", area * f * c, x.dtype, xp).reshape(area, f, c)
-    partial = shared_scratch("winograd_du_block", f * c, x.dtype, xp).reshape(f, c)
-    for index, (first, count) in enumerate(_tile_blocks(kernels, -(-oh // m) * tiles_w, area * max(c, f) * n * x.itemsize)):
-        v = shared_scratch("columns", area * c * count * n, x.dtype, xp).reshape(area, c, count * n)
-        dm = shared_scratch("winograd_m", area * f * count * n, x.dtype, xp).reshape(area, f, count * n)
-        kernels.winograd_input(x, bt, m, padding, tiles_w, first, v)
-        kernels.winograd_output_grad(grad, at, m, tiles_w, first, dm)
-        for xi in range(area):
+    c = x.shape[0]
+    plan = _Plan(kernels, x, weight, (oh, ow), m)
+    u = None if grad_in is None else kernels.winograd_weight(weight, plan.g, plan.scratch("winograd_u", f, c, x))
+    du = plan.scratch("winograd_du", f, c, x)
+    for index, (first, count) in enumerate(plan.blocks):
+        v = plan.scratch("columns", c, count * n, x)
+        dm = plan.scratch("winograd_m", f, count * n, x)
+        kernels.winograd_input(x, plan.bt, m, padding, plan.tiles_w, first, v)
+        kernels.winograd_output_grad(grad, plan.at, m, plan.tiles_w, first, dm)
+        for xi in range(plan.area):
             if index == 0:
                 matmul(dm[xi], v[xi].T, out=du[xi])
             else:  # BLAS cannot accumulate through NumPy: one product, then an add
+                partial = shared_scratch("winograd_du_block", f * c, x.dtype, get_array_module(x)).reshape(f, c)
                 matmul(dm[xi], v[xi].T, out=partial)
                 du[xi] += partial
             if u is not None:
                 matmul(u[xi].T, dm[xi], out=v[xi])  # V[xi] is used up: it takes dV[xi]
         if grad_in is not None:
-            kernels.winograd_input_grad_add(v, bt, m, padding, tiles_w, first, grad_in)
-    kernels.winograd_weight_grad(du, g, weight_grad)
+            kernels.winograd_input_grad_add(v, plan.bt, m, padding, plan.tiles_w, first, grad_in)
+    kernels.winograd_weight_grad(du, plan.g, weight_grad)
