@@ -145,6 +145,30 @@ def test_matches_torch_in_tiny_blocks_on_two_threads(kind, lr, options, monkeypa
         run_against_torch(np, np.float64, kind, lr, options, rtol=1e-12)
 
 
+FUSED_CASES = [("sgd", 0.1, c) for c in SGD_CASES] + [("adam", 1e-2, c) for c in ADAM_CASES]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kind, lr, options", FUSED_CASES, ids=[f"{k}-{o}" for k, _, o in FUSED_CASES])
+def test_fused_cpu_update_gives_the_chains_bits(kind, lr, options, dtype, monkeypatch):
+    """SGD and Adam run one fused pass on the CPU (dtrain.optim.cpu_updates); the array
+    chain of ``_update`` (what the GPU runs) gives bitwise the same parameters and state."""
+    def run(fused: bool) -> tuple[np.ndarray, ...]:
+        prob = Problem(np, dtype)
+        opt = build_optimizer(kind, prob.flat, lr=lr, **options)
+        if not fused:
+            monkeypatch.setattr(opt, "_fused_update", lambda t: None)
+        for t in range(STEPS):
+            prob.feed_gradients()
+            opt.lr = lr_of_step(lr, t)
+            opt.step()
+        assert (opt._tmp is None) == fused  # the fused pass needs no scratch buffer
+        return (prob.flat.params.copy(), *(buf.copy() for buf in opt.state.values()))
+
+    for fused, chain in zip(run(True), run(False)):
+        np.testing.assert_array_equal(fused, chain)
+
+
 def test_adamw_is_decoupled_adam():
     prob = Problem(np, np.float64)
     opt = build_optimizer("adamw", prob.flat, lr=1e-2, weight_decay=0.05)

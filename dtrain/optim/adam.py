@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from dtrain.backend import get_array_module
 from dtrain.checks import check_bool, check_real
 from dtrain.nn.flat import FlatParameters
 from dtrain.nn.module import Array
+from dtrain.optim import cpu_updates
 from dtrain.optim.base import Optimizer
 
 
@@ -48,6 +49,12 @@ class Adam(Optimizer):
 
     def _adds_decay_to_grad(self) -> bool:
         return self.weight_decay != 0 and not self.decoupled  # AdamW shrinks the parameters instead
+
+    def _fused_update(self, t: int) -> Callable[..., None]:
+        def update(p: Array, g: Array, m: Array, v: Array) -> None:
+            cpu_updates.adam(p, g, m, v, self.lr, self.betas, self.eps, self.weight_decay, self.decoupled, t)
+
+        return update
 
     def _update(self, p: Array, g: Array, state: dict[str, Array], tmp: Array, decayed: Array | None,
                 t: int) -> None:

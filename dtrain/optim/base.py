@@ -7,22 +7,26 @@ no per-step allocation. The update rules follow ``torch.optim``'s formulas in it
 operation order, so a dtrain run and a PyTorch run fed the same gradients follow the same
 trajectory (the tests compare them step by step in float64).
 
-On the CPU the chain of operations runs on blocks of the buffer spread over the thread
-budget (:func:`dtrain.nn.blocks.for_blocks`), each block small enough for its slices of
-every buffer to stay in cache between operations. Every element still sees the same
-operations, so the result does not depend on the block size or the thread count.
+On the CPU the update runs on blocks of the buffer spread over the thread budget
+(:func:`dtrain.nn.blocks.for_blocks`): SGD and Adam as one fused pass per block
+(:mod:`dtrain.optim.cpu_updates`, the same arithmetic as their chains), the others as their
+chain of operations, each block small enough for its slices of every buffer to stay in
+cache between operations. Every element still sees the same operations, so the result does
+not depend on the block size or the thread count.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from dtrain.backend import get_array_module, to_host
+from dtrain.backend import get_array_module, is_gpu_array, to_host
 from dtrain.checks import check_int, check_real
 from dtrain.nn.blocks import for_blocks
 from dtrain.nn.flat import FlatParameters
 from dtrain.nn.module import Array
+from dtrain.optim import cpu_updates
 
 # Bytes of all buffers one block of the update touches: a few MB, inside the shared L3
 # cache for each thread's block. Much smaller blocks lose to the per-call cost of the
@@ -55,7 +59,7 @@ class Optimizer:
         self._validate()
         self.step_count = 0
         self.state: dict[str, Array] = {name: self._zeros() for name in self._state_names()}
-        self._tmp: Array = self._zeros()
+        self._tmp: Array | None = None  # the chain's scratch buffer, allocated when a chain first runs
         self._decayed: Array | None = None
 
     # -- subclass hooks -----------------------------------------------------------------
@@ -77,6 +81,12 @@ class Optimizer:
         """
         raise NotImplementedError
 
+    def _fused_update(self, t: int) -> Callable[..., None] | None:
+        """The update at step ``t`` as one CPU pass over matching 1-D blocks, ``fn(p, g,
+        *state buffers in _state_names() order)`` (see :mod:`dtrain.optim.cpu_updates`), or
+        None where the optimizer has none: :meth:`_update`'s chain runs instead."""
+        return None
+
     # -- public API -------------------------------------------------------------------
     @property
     def lr(self) -> float:
@@ -90,6 +100,17 @@ class Optimizer:
         """Apply one update to the whole flat parameter buffer from the flat gradient buffer."""
         self.step_count += 1
         t, p, g = self.step_count, self.flat.params, self.flat.grads
+        fused = None if is_gpu_array(p) or p.dtype not in cpu_updates.DTYPES else self._fused_update(t)
+        if fused is not None:
+            states = [self.state[name] for name in self._state_names()]
+
+            def run(start: int, stop: int) -> None:
+                fused(p[start:stop], g[start:stop], *(buf[start:stop] for buf in states))
+
+            for_blocks(run, p.size, (2 + len(states)) * p.itemsize, p, block_bytes=UPDATE_BLOCK_BYTES)
+            return
+        if self._tmp is None:
+            self._tmp = self._zeros()
         adds_decay = self._adds_decay_to_grad()
         if adds_decay and self._decayed is None:  # allocated once, when weight decay is first on
             self._decayed = self._zeros()

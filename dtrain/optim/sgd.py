@@ -1,10 +1,13 @@
 """Stochastic gradient descent with momentum, dampening, Nesterov and L2 weight decay."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from dtrain.backend import get_array_module
 from dtrain.checks import check_bool, check_real
 from dtrain.nn.flat import FlatParameters
 from dtrain.nn.module import Array
+from dtrain.optim import cpu_updates
 from dtrain.optim.base import Optimizer
 
 
@@ -39,6 +42,13 @@ class SGD(Optimizer):
 
     def _state_names(self) -> tuple[str, ...]:
         return ("momentum_buffer",) if self.momentum != 0 else ()
+
+    def _fused_update(self, t: int) -> Callable[..., None]:
+        def update(p: Array, g: Array, buf: Array | None = None) -> None:
+            cpu_updates.sgd(p, g, g if buf is None else buf, self.lr, self.momentum, self.dampening,
+                            self.weight_decay, self.nesterov, t == 1)
+
+        return update
 
     def _update(self, p: Array, g: Array, state: dict[str, Array], tmp: Array, decayed: Array | None,
                 t: int) -> None:
