@@ -67,6 +67,12 @@ def test_bench_layers_times_a_small_model_under_each_convolution(conv):
         assert len(table_row(out, layer)) >= 4
 
 
+def test_bench_optim_times_each_optimizer_against_torch():
+    out = run_script("bench_optim.py", "--model", "lenet", "--rounds", "1", "--threads", "1")
+    for kind in ("sgd", "adam"):
+        assert len(table_row(out, kind)) == 6
+
+
 def test_bench_run_memory_compares_a_whole_run_with_its_pytorch_twin():
     out = run_script("bench_run_memory.py", "--model", "lenet", "--steps", "3", "--threads", "1")
     peaks = {name: float(table_row(out, name)[3]) for name in ("dtrain", "torch")}
