@@ -94,11 +94,10 @@ class Conv2d(Module):
         source = batch_last(x, self._workspace, "input")
         y = xp.empty((f, oh * ow * n), dtype=x.dtype)  # new memory: the caller keeps it
         self._kept_cols = None
-        tile = self._winograd_tile(source, (oh, ow))
         if self._direct(source):
             kernels_for(source).conv_direct_forward(source, self.params["weight"], self.params.get("bias"),
                                                     self.stride, self.padding, y.reshape(f, oh, ow, n))
-        elif tile:
+        elif tile := self._winograd_tile(source, (oh, ow)):
             winograd.forward(kernels_for(source), source, self.params["weight"], self.params.get("bias"),
                              self.padding, tile, y.reshape(f, oh, ow, n))
         else:
@@ -146,20 +145,18 @@ class Conv2d(Module):
         grad_in = xp.zeros(source.shape, dtype=source.dtype) if input_grad else None
         kernels = kernels_for(source)
         direct = self._direct(source)
+        if self.has_bias and not direct:  # the direct kernel sums the bias gradient itself
+            xp.sum(g, axis=1, out=self.grads["bias"])
         if direct:
             kernels.conv_direct_weight_grad(source, g.reshape(f, oh, ow, n), self.stride, self.padding,
                                             self.grads["weight"], self.grads.get("bias"))
             # The input gradient, if wanted, still goes through columns: weight.T @ dY, then col2im.
             blocks = self._column_blocks(source, (oh, ow), fill=False) if grad_in is not None else []
         elif tile := self._winograd_tile(source, (oh, ow)):
-            if self.has_bias:
-                xp.sum(g, axis=1, out=self.grads["bias"])
             winograd.backward(kernels, source, g.reshape(f, oh, ow, n), self.params["weight"], self.padding, tile,
                               self.grads["weight"], grad_in)
-            blocks = []
+            return None if grad_in is None else as_nchw(grad_in)
         else:
-            if self.has_bias:
-                xp.sum(g, axis=1, out=self.grads["bias"])
             blocks = [(0, kept)] if kept is not None else self._column_blocks(source, (oh, ow))
         for index, (first, cols) in enumerate(blocks):
             g_block = g[:, first * n:first * n + cols.shape[1]]
