@@ -25,9 +25,10 @@ and G takes the reciprocal, so that the input transform, which runs on every act
 multiplies by small integers only.
 
 The tiles go in blocks of at most ``COLUMN_BLOCK_BYTES`` (of the kernel set) of V or of M, as
-im2col's columns do: one thread-shared buffer for V (the one im2col uses for columns) and one
-for M, so that the scratch memory does not grow with the batch. Backward
-transforms the input again instead of keeping V from forward. The CPU kernel set
+im2col's columns do (at least one tile: one tile of a huge batch may exceed it): one
+thread-shared buffer for V (the one im2col uses for columns) and one for M, so that the
+scratch memory stays that of a block whatever the layer's size. Backward transforms the
+input again instead of keeping V from forward. The CPU kernel set
 (:mod:`dtrain.nn.cpu_kernels`) runs the transforms and decides which layers take this path
 (``winograd_tile``); all GEMMs go through :func:`dtrain.nn.gemm.matmul`.
 """
