@@ -299,6 +299,22 @@ def _conv_direct_weight_grad(x, gy, sh, sw, ph, pw, gw, gb, f0, f1):  # pragma: 
         gb[f] = acc.sum()
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _transform_columns(rows, mat, target, channel, t, batch):  # pragma: no cover (compiled)
+    """The second half of a tile's 2-D transform: ``target[a*alpha + b, channel, tile t's
+    batch] = sum_j mat[b, j] * rows[a, j]`` for the tile's rows (alpha, J, batch) already
+    transformed along the other axis (alpha = rows.shape[0], J = mat.shape[1])."""
+    alpha = rows.shape[0]
+    for a in range(alpha):
+        for b in range(mat.shape[0]):
+            out = target[a * alpha + b, channel, t * batch:(t + 1) * batch]
+            _zero(out)
+            for j in range(mat.shape[1]):
+                coef = mat[b, j]
+                if coef != 0:
+                    _axpy(out, coef, rows[a, j])
+
+
 @njit(nogil=True, cache=True)
 def _winograd_weight(weight, g, u, f0, f1):  # pragma: no cover (compiled)
     channels, r = weight.shape[1], weight.shape[2]
@@ -373,14 +389,7 @@ def _winograd_input(x, bt, m, ph, pw, tiles_w, first, v, c0, c1):  # pragma: no 
                         coef = bt[a, i]
                         if coef != 0:
                             _axpy(rows[a, j], coef, x[c, h, w])
-            for a in range(alpha):
-                for b in range(alpha):
-                    out = v[a * alpha + b, c, t * batch:(t + 1) * batch]
-                    _zero(out)
-                    for j in range(alpha):
-                        coef = bt[b, j]
-                        if coef != 0:
-                            _axpy(out, coef, rows[a, j])
+            _transform_columns(rows, bt, v, c, t, batch)
 
 
 @njit(nogil=True, cache=True)
@@ -424,14 +433,7 @@ def _winograd_output_grad(gy, at, m, tiles_w, first, dm, f0, f1):  # pragma: no 
                         coef = at[i, a]
                         if coef != 0:
                             _axpy(rows[a, j], coef, gy[f, ty * m + i, tx * m + j])
-            for a in range(alpha):
-                for b in range(alpha):
-                    out = dm[a * alpha + b, f, t * batch:(t + 1) * batch]
-                    _zero(out)
-                    for j in range(m):
-                        coef = at[j, b]
-                        if coef != 0:
-                            _axpy(out, coef, rows[a, j])
+            _transform_columns(rows, at.T, dm, f, t, batch)
 
 
 @njit(nogil=True, cache=True)
