@@ -47,19 +47,21 @@ def test_all_gemms_go_through_gemm_matmul(rng):
 
 
 @pytest.mark.parametrize("n", [1, 6])
-def test_input_gradient_keeps_a_batch_last_input_order(xp, rng, n):
+def test_a_batch_last_input_keeps_its_order(xp, rng, n):
     """Flatten of a batch-last activation gives Linear the transpose of (in, N) memory; the
-    input gradient comes back in that order (ReLU and Conv2d before it read it without a
-    reorder) and equals the gradient of a C-ordered input."""
+    output and the input gradient come back in that order (the layers after and before read
+    them without a reorder) and equal those of a C-ordered input."""
     layer = Linear(12, 5, rng=rng, dtype=np.float64).to(xp)
     x = xp.asarray(rng.normal(size=(12, n))).T  # (N, 12), batch fastest in memory
     g = xp.asarray(rng.normal(size=(n, 5)))
-    layer.forward(x)
+    y = layer.forward(x)
     gx = layer.backward(g.copy())
-    layer.forward(xp.ascontiguousarray(x))
+    expected_y = layer.forward(xp.ascontiguousarray(x))
     expected = layer.backward(g.copy())
-    assert gx.T.flags.c_contiguous
-    assert n == 1 or not gx.flags.c_contiguous
+    for got in (y, gx):
+        assert got.T.flags.c_contiguous
+        assert n == 1 or not got.flags.c_contiguous
+    np.testing.assert_allclose(to_host(y), to_host(expected_y), rtol=1e-12)
     np.testing.assert_allclose(to_host(gx), to_host(expected), rtol=1e-12)
 
 

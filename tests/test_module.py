@@ -7,7 +7,7 @@ import torch
 from layer_checks import rel_err
 
 from dtrain.backend import to_host
-from dtrain.nn.activation import ReLU
+from dtrain.nn.activation import ReLU, Tanh
 from dtrain.nn.batchnorm import BatchNorm1d
 from dtrain.nn.dropout import Dropout
 from dtrain.nn.flat import FlatParameters
@@ -45,6 +45,51 @@ def test_forward_and_backward_order_and_hooks():
         ("backward", "a"), ("hook", 0, "a"),
     ]
     assert model[1] is layers[1] and len(model) == 3
+
+
+def test_only_a_fresh_output_is_handed_on_to_be_written_over(rng):
+    """ReLU writes over its input only after a layer whose output nobody keeps (Linear):
+    never over the caller's input, nor over Tanh's output (Tanh's backward reads it), nor
+    over another ReLU's output; and the results are those of a model that copies."""
+    owned: list[int] = []
+
+    class SpyReLU(ReLU):
+        def __init__(self, index: int) -> None:
+            super().__init__()
+            self.index = index
+
+        def forward_owned(self, a):
+            owned.append(self.index)
+            return super().forward_owned(a)
+
+    model = Sequential(SpyReLU(0), Linear(5, 5, rng=rng, dtype=np.float64), SpyReLU(2), SpyReLU(3), Tanh(), SpyReLU(5))
+    x = rng.normal(size=(4, 5))
+    x_before = x.copy()
+    y = model.forward(x)
+    assert owned == [2]
+    np.testing.assert_array_equal(x, x_before)
+    g = rng.normal(size=y.shape)
+    gx = model.backward(g.copy())
+
+    theirs = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Linear(5, 5).double(), torch.nn.ReLU(), torch.nn.ReLU(),
+                                 torch.nn.Tanh(), torch.nn.ReLU())
+    theirs.load_state_dict({k: torch.from_numpy(v) for k, v in model.state_dict().items()})
+    tx = torch.from_numpy(x_before).requires_grad_()
+    ty = theirs(tx)
+    ty.backward(torch.from_numpy(g))
+    assert rel_err(y, ty) < 1e-12
+    assert rel_err(gx, tx.grad) < 1e-12
+
+
+def test_relu_on_an_owned_input_writes_over_it(rng):
+    x = rng.normal(size=(3, 4))
+    expected = np.maximum(x, 0)
+    relu = ReLU()
+    y = relu.forward_owned(x)
+    assert y is x
+    np.testing.assert_array_equal(y, expected)
+    g = rng.normal(size=x.shape)
+    np.testing.assert_array_equal(relu.backward(g.copy()), g * (expected > 0))
 
 
 def test_without_the_input_gradient_backward_stops_at_the_first_layer_with_parameters(rng):

@@ -23,11 +23,20 @@ class ReLU(_Elementwise):
     """``max(x, 0)``; the gradient at 0 is 0, as in PyTorch.
 
     Backward masks ``grad_out`` in place and returns it (the layer contract lets it).
+    Given an input it owns (``forward_owned``) it writes the output over it: one pass over
+    memory the layer before has just written, and no new activation.
     """
 
     def forward(self, x: Array) -> Array:
+        return self._relu(x, get_array_module(x).empty_like(x))  # x's memory layout
+
+    def forward_owned(self, x: Array) -> Array:
+        return self._relu(x, x)
+
+    def _relu(self, x: Array, y: Array) -> Array:
+        """``y = max(x, 0)`` (``y`` may be ``x``), keeping the mask ``x > 0`` for backward."""
         xp = get_array_module(x)
-        y, mask = xp.empty_like(x), xp.empty_like(x, dtype=bool)  # x's memory layout
+        mask = xp.empty_like(x, dtype=bool)
 
         def relu(x_: Array, y_: Array, mask_: Array) -> None:
             xp.greater(x_, 0, out=mask_)

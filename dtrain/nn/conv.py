@@ -41,6 +41,8 @@ class Conv2d(Module):
     kernel set decides, and picks m).
     """
 
+    fresh_output = True  # forward returns new memory and keeps none of it
+
     def __init__(
         self,
         in_channels: int,

@@ -16,14 +16,17 @@ from dtrain.nn.module import Array, Module, Shape
 class Linear(Module):
     """Affine map of (N, in_features) to (N, out_features).
 
-    The input gradient comes back in the input's memory order: an input that is the
-    transpose of C-contiguous (in_features, N) memory, as Flatten makes of a batch-last
-    activation, gets its gradient as such a transpose, so that the layers before need not
-    reorder it. ``weight`` has shape (out_features, in_features) and ``bias`` (out_features,), as in
-    PyTorch. All three matrix products (forward, input gradient, weight gradient) go
-    through :func:`dtrain.nn.gemm.matmul`; the weight gradient is written straight into
-    ``grads["weight"]``.
+    The output and the input gradient come back in the input's memory order: an input
+    that is the transpose of C-contiguous (in_features, N) memory, as Flatten makes of a
+    batch-last activation, gets its output as the transpose of (out_features, N) memory
+    and its gradient as the transpose of (in_features, N) memory, so that no layer before
+    or after need reorder them. ``weight`` has shape (out_features, in_features) and
+    ``bias`` (out_features,), as in PyTorch. All three matrix products (forward, input
+    gradient, weight gradient) go through :func:`dtrain.nn.gemm.matmul`; the weight
+    gradient is written straight into ``grads["weight"]``.
     """
+
+    fresh_output = True  # forward returns new memory and keeps none of it
 
     def __init__(
         self,
@@ -50,10 +53,14 @@ class Linear(Module):
         check_dtype(self, x, self.params["weight"].dtype)
 
     def forward(self, x: Array) -> Array:
-        """(N, in_features) -> (N, out_features)."""
+        """(N, in_features) -> (N, out_features), in the input's memory order: a batch-last
+        input (the transpose of C-contiguous memory) gives a batch-last output."""
         self._check_input(x)
         self._x = x
-        y = matmul(x, self.params["weight"].T)
+        if _batch_last(x):  # weight @ x.T on C-contiguous operands: no transposition flag for BLAS
+            y = matmul(self.params["weight"], x.T).T
+        else:
+            y = matmul(x, self.params["weight"].T)
         if "bias" in self.params:
             y += self.params["bias"]
         return y
@@ -69,7 +76,7 @@ class Linear(Module):
             xp.sum(grad_out, axis=0, out=self.grads["bias"])
         if not input_grad:
             return None
-        if self._x.T.flags.c_contiguous and not self._x.flags.c_contiguous:  # batch-last input
+        if _batch_last(self._x):
             return matmul(self.params["weight"].T, grad_out.T).T
         return matmul(grad_out, self.params["weight"])
 
@@ -87,3 +94,9 @@ class Linear(Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={'bias' in self.params}"
+
+
+def _batch_last(x: Array) -> bool:
+    """Whether the 2-D ``x`` is the transpose of C-contiguous (features, N) memory, as Flatten
+    makes of a batch-last activation."""
+    return x.T.flags.c_contiguous and not x.flags.c_contiguous

@@ -34,6 +34,10 @@ class StateDictMismatchError(ValueError):
 class Module:
     """Base class of all layers and containers."""
 
+    # True when ``forward`` always returns new memory (or a view of it) that the layer keeps
+    # no reference to: the next layer may then write over it (see ``forward_owned``).
+    fresh_output: bool = False
+
     def __init__(self) -> None:
         self.params: dict[str, Array] = {}
         self.grads: dict[str, Array] = {}
@@ -43,6 +47,12 @@ class Module:
     # -- computation -----------------------------------------------------------------
     def forward(self, x: Array) -> Array:
         raise NotImplementedError
+
+    def forward_owned(self, x: Array) -> Array:
+        """``forward`` on an input that nobody else holds (a ``fresh_output`` of the layer
+        before, as :class:`Sequential` passes it): the layer may write its output over ``x``.
+        The default is ``forward``."""
+        return self.forward(x)
 
     def backward(self, grad_out: Array, input_grad: bool = True) -> Array | None:
         """d loss / d input from d loss / d output (``grad_out``), writing the parameters'
@@ -214,8 +224,13 @@ class Sequential(Module):
         self._backward_hooks.append(hook)
 
     def forward(self, x: Array) -> Array:
+        """The layers in order; a layer whose input is the previous layer's fresh output
+        (``fresh_output``) gets it through ``forward_owned``, so that an activation can work
+        in place. The caller's ``x`` is never written."""
+        owned = False
         for layer in self.layers:
-            x = layer.forward(x)
+            x = layer.forward_owned(x) if owned else layer.forward(x)
+            owned = layer.fresh_output
         return x
 
     def backward(self, grad_out: Array, input_grad: bool = True) -> Array | None:

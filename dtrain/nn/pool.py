@@ -26,6 +26,8 @@ from dtrain.nn.workspace import Workspace
 class _Pool2d(Module):
     """Window geometry, validation and the batch-last input and gradient arrays of the pooling layers."""
 
+    fresh_output = True  # forward returns new memory and keeps none of it
+
     def __init__(self, kernel_size: int | tuple[int, int], stride: int | tuple[int, int] | None = None,
                  padding: int | tuple[int, int] = 0) -> None:
         """``stride`` defaults to ``kernel_size``; ``padding`` may be at most half the kernel."""
