@@ -17,7 +17,9 @@ Winograd's and the fully connected layers'; none for the first layer's input gra
 which neither framework computes). Each framework's training rate is printed in GFLOP/s
 (3 x the forward FLOPs per image of a direct convolution, for both frameworks, although
 Winograd's layers multiply less) and as a fraction of the roof; "GEMMs alone" is the rate
-dtrain would reach if its step were only its GEMMs. The header names the BLAS kernels (``OPENBLAS_CORETYPE``
+dtrain would reach if its step were only its GEMMs, and "in torch" the rate of the very
+same GEMMs run by PyTorch's BLAS (``torch.matmul``), which shows how much of a gap is the
+BLAS library's. The header names the BLAS kernels (``OPENBLAS_CORETYPE``
 picks others) and PyTorch's CPU capability (``ONEDNN_MAX_CPU_ISA=AVX2`` holds oneDNN to AVX2).
 
 ``--memory`` runs each framework alone in a fresh child process (so neither sees the
@@ -109,14 +111,15 @@ def main() -> None:
     roof = gemm_roof_gflops()
     print(f"GEMM roof (NumPy float32 2048^3): {roof:.0f} GFLOP/s")
     print(f"{'model':<12}{'dtrain img/s':>14}{'torch img/s':>14}{'ratio':>8}"
-          f"{'dtrain GF/s':>13}{'torch GF/s':>12}{'GEMMs alone':>13}   fraction of roof: dtrain / torch / GEMMs")
+          f"{'dtrain GF/s':>13}{'torch GF/s':>12}{'GEMMs alone':>13}{'in torch':>10}"
+          f"   fraction of roof: dtrain / torch / GEMMs")
     for name in args.model.split(","):
         d, t = bench_model(name, args, torch)
         per_image = 3 * step_model_flops(name)
-        floor = gemm_floor_gflops(name, args)
+        floor, torch_floor = gemm_floor_gflops(name, args, torch)
         rates = [d * per_image / 1e9, t * per_image / 1e9]
         print(f"{name:<12}{d:>14.1f}{t:>14.1f}{d / t:>8.2f}{rates[0]:>13.1f}{rates[1]:>12.1f}{floor:>13.1f}"
-              f"   {rates[0] / roof:.0%} / {rates[1] / roof:.0%} / {floor / roof:.0%}")
+              f"{torch_floor:>10.1f}   {rates[0] / roof:.0%} / {rates[1] / roof:.0%} / {floor / roof:.0%}")
 
 
 def set_tf32(enabled: bool, torch) -> None:
@@ -249,17 +252,22 @@ def model_gemms(name: str, batch: int) -> list[tuple[tuple[int, int], bool, tupl
     return calls
 
 
-def gemm_floor_gflops(name: str, args: argparse.Namespace) -> float:
-    """The model's training GFLOP/s if its step were only its GEMMs (each timed alone, best of 5)."""
+def gemm_floor_gflops(name: str, args: argparse.Namespace, torch) -> tuple[float, float]:
+    """The model's training GFLOP/s if its step were only its GEMMs (each timed alone, best
+    of 5): with NumPy's BLAS (dtrain's) and, the same products at the same shapes and
+    transpositions, with PyTorch's (``torch.matmul``; MKL in its x86 wheels)."""
     rng = np.random.default_rng(0)
-    total = 0.0
+    totals = [0.0, 0.0]
     for a_shape, ta, b_shape, tb in model_gemms(name, args.batch):
         a = rng.standard_normal(a_shape[::-1] if ta else a_shape).astype(np.float32)
         b = rng.standard_normal(b_shape[::-1] if tb else b_shape).astype(np.float32)
         a, b = (a.T if ta else a), (b.T if tb else b)
         out = np.empty((a_shape[0], b_shape[1]), np.float32)
-        total += best_time(lambda a=a, b=b, out=out: np.matmul(a, b, out=out))
-    return 3 * step_model_flops(name) * args.batch / total / 1e9
+        ta_, tb_, tout = torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(out)
+        totals[0] += best_time(lambda a=a, b=b, out=out: np.matmul(a, b, out=out))
+        totals[1] += best_time(lambda a=ta_, b=tb_, out=tout: torch.matmul(a, b, out=out))
+    flops = 3 * step_model_flops(name) * args.batch
+    return flops / totals[0] / 1e9, flops / totals[1] / 1e9
 
 
 def memory_in_child(name: str, framework: str, args: argparse.Namespace) -> dict[str, int]:

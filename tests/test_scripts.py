@@ -29,8 +29,9 @@ def test_bench_prints_throughput_and_ratio():
     out = run_script("bench.py", "--model", "lenet,simple_cnn", "--batch", "8", "--steps", "1", "--rounds", "1",
                      "--threads", "1")
     for model in ("lenet", "simple_cnn"):
-        dtrain, torch_, ratio = map(float, table_row(out, model)[1:4])
+        dtrain, torch_, ratio, _, _, gemms, torch_gemms = map(float, table_row(out, model)[1:8])
         assert dtrain > 0 and torch_ > 0 and ratio == pytest.approx(dtrain / torch_, abs=0.01)
+        assert gemms > 0 and torch_gemms > 0
 
 
 def test_bench_memory_measures_each_framework_in_its_own_process():
