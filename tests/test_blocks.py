@@ -167,10 +167,10 @@ def test_elementwise_work_in_pieces_gives_the_whole_arrays_result(layout, rng, m
     assert calls == [4] if layout == "strided" else (len(calls) > 10 and set(calls) == {1})
 
 
-def test_elementwise_takes_small_arrays_whole(rng):
+def test_elementwise_takes_small_arrays_as_one_piece_on_this_thread(rng):
     x, calls = layouts(rng)["batch_last"], []  # 8 KiB: far below two blocks
-    elementwise(lambda a: calls.append(a.shape), x)
-    assert calls == [x.shape]
+    elementwise(lambda a: calls.append((a.shape, np.shares_memory(a, x), threading.get_ident())), x)
+    assert calls == [((x.size,), True, threading.get_ident())]
 
 
 def test_elementwise_takes_arrays_of_different_layouts_whole(rng, monkeypatch):

@@ -60,9 +60,13 @@ def c_kernels(tmp_path_factory):
             ins = _params(inputs)
             outs = _params(outputs)
             types = {"T": "T", "A": "A", **PARAM_TYPES}
-            args = [f"const {types[t]}* {n}" if raw else f"{types[t]} {n}" for t, n, raw in ins]
+            # Raw arrays as pointers; plain T inputs are arrays read at element i (relu_backward's y);
+            # the int64 geometry by value.
+            args = [f"const {types[t]}* {n}" if raw else f"const T* {n}_in" if t == "T" else f"{types[t]} {n}"
+                    for t, n, raw in ins]
             args += [f"{types[t]}* {n}_out" for t, n, _ in outs]
-            declare = " ".join(f"{types[t]} {n} = {n}_out[i];" for t, n, _ in outs)  # outputs may be read (col2im adds)
+            declare = " ".join([f"T {n} = {n}_in[i];" for t, n, raw in ins if t == "T" and not raw]
+                               + [f"{types[t]} {n} = {n}_out[i];" for t, n, _ in outs])  # outputs may be read
             store = " ".join(f"{n}_out[i] = {n};" for _, n, _ in outs)
             src.append(f'extern "C" void {name}(long long size, {", ".join(args)}) {{\n'
                        f"  for (long long i = 0; i < size; ++i) {{ {declare}\n{body}\n {store} }}\n}}")
@@ -172,6 +176,25 @@ def test_avg_pool_bodies_match_the_cpu_path(c_kernels, rng, dtype, shape, kernel
     dx = np.empty(_chwn(x).shape, dtype=dtype)
     c_kernels(dtype, "avg_pool_backward", [_chwn(g)], geometry, [dx])
     np.testing.assert_allclose(dx.astype(np.float64), _chwn(expected_dx).astype(np.float64), rtol=ulp, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_relu_backward_body_matches_the_cpu_kernel(c_kernels, rng, dtype):
+    """PyTorch's rule in both: the gradient passes where the output is > 0 or NaN, is zeroed
+    where it is 0, -0 or negative; the same bits on both sides."""
+    y = np.maximum(_data(rng, (5, 7, 3), dtype), 0)
+    y.reshape(-1)[:4] = [np.nan, -0.0, 0.0, np.inf]
+    grad = _data(rng, y.shape, dtype)
+    grad.reshape(-1)[4:6] = [np.nan, np.inf]
+    expected = np.where(y <= 0, np.zeros_like(grad), grad)
+    on_host = grad.copy()
+    c_kernels(dtype, "relu_backward", [y], (), [on_host])
+    np.testing.assert_array_equal(on_host, expected)
+    for pieces in (grad.copy(), grad.copy().transpose(2, 0, 1)):  # 1-D, and arrays of other layouts
+        got = cpu_kernels.relu_backward(pieces.reshape(-1) if pieces.flags.c_contiguous else pieces,
+                                        y.reshape(-1) if pieces.flags.c_contiguous else y.transpose(2, 0, 1))
+        np.testing.assert_array_equal(got.reshape(pieces.shape), expected if pieces.flags.c_contiguous
+                                      else expected.transpose(2, 0, 1))
 
 
 @pytest.mark.gpu

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dtrain.backend import get_array_module
 from dtrain.nn.blocks import elementwise
+from dtrain.nn.kernels import kernels_for
 from dtrain.nn.module import Array, Module
 
 
@@ -20,9 +21,10 @@ class _Elementwise(Module):
 
 
 class ReLU(_Elementwise):
-    """``max(x, 0)``; the gradient at 0 is 0, as in PyTorch.
+    """``max(x, 0)``; the gradient is 0 where the output is <= 0, as in PyTorch.
 
-    Backward masks ``grad_out`` in place and returns it (the layer contract lets it).
+    Backward reads the output, not a mask (as PyTorch's does): it zeroes ``grad_out`` in
+    place where the output is not positive and returns it (the layer contract lets it).
     Given an input it owns (``forward_owned``) it writes the output over it: one pass over
     memory the layer before has just written, and no new activation.
     """
@@ -34,26 +36,18 @@ class ReLU(_Elementwise):
         return self._relu(x, x)
 
     def _relu(self, x: Array, y: Array) -> Array:
-        """``y = max(x, 0)`` (``y`` may be ``x``), keeping the mask ``x > 0`` for backward."""
+        """``y = max(x, 0)`` (``y`` may be ``x``), kept for backward."""
         xp = get_array_module(x)
-        mask = xp.empty_like(x, dtype=bool)
-
-        def relu(x_: Array, y_: Array, mask_: Array) -> None:
-            xp.greater(x_, 0, out=mask_)
-            xp.maximum(x_, 0, out=y_)
-
-        elementwise(relu, x, y, mask)
-        self._cache = mask
+        elementwise(lambda x_, y_: xp.maximum(x_, 0, out=y_), x, y)
+        self._cache = y
         return y
 
     def backward(self, grad_out: Array, input_grad: bool = True) -> Array:
-        xp = get_array_module(grad_out)
-
-        def mask(grad: Array, mask_: Array) -> None:
-            # A multiply by the boolean mask: in place, and much faster than xp.where on the host.
-            xp.multiply(grad, mask_, out=grad)
-
-        elementwise(mask, grad_out, self._cached())
+        y = self._cached()
+        if grad_out.shape != y.shape:
+            raise ValueError(f"{self!r}: grad_out has shape {tuple(grad_out.shape)}, the forward output was "
+                             f"{tuple(y.shape)}")
+        elementwise(kernels_for(grad_out).relu_backward, grad_out, y)
         return grad_out
 
 

@@ -90,16 +90,15 @@ def for_blocks(fn: Callable[[int, int], None], total: int, bytes_per_item: int, 
 
 
 def elementwise(fn: Callable[..., None], *arrays: Any) -> None:
-    """Call ``fn(*pieces)`` on matching pieces of same-shaped ``arrays``, spread over the
-    thread budget with :func:`for_blocks`: ``fn`` gets 1-D views of one range of elements
-    of each array, in memory order. The arrays must share one compact layout (as an array
-    and its ``empty_like`` do) for the pieces to match; otherwise, when they are small
-    (under two blocks of :data:`ELEMENTWISE_BLOCK_BYTES`), and on the GPU, ``fn`` gets the
-    whole arrays in one call. ``fn`` must write only its pieces.
+    """Call ``fn(*pieces)`` on matching pieces of same-shaped ``arrays``: 1-D views of one
+    range of elements of each array, in memory order, spread over the thread budget with
+    :func:`for_blocks` (small arrays, under two blocks of :data:`ELEMENTWISE_BLOCK_BYTES`,
+    as one piece on the calling thread). The arrays must share one compact layout (as an
+    array and its ``empty_like`` do) for the pieces to match; otherwise, and on the GPU,
+    ``fn`` gets the whole arrays in one call. ``fn`` must write only its pieces.
     """
-    per_item = sum(a.itemsize for a in arrays)
-    if is_gpu_array(arrays[0]) or arrays[0].size * per_item < 2 * ELEMENTWISE_BLOCK_BYTES:
-        fn(*arrays)  # small: a thread hand-off would cost more than it saves
+    if is_gpu_array(arrays[0]):
+        fn(*arrays)
         return
     views = [_memory_order(a) for a in arrays]
     orders = {order for order, _ in views}
@@ -107,6 +106,10 @@ def elementwise(fn: Callable[..., None], *arrays: Any) -> None:
         fn(*arrays)
         return
     flat = [view for _, view in views]
+    per_item = sum(a.itemsize for a in arrays)
+    if flat[0].size * per_item < 2 * ELEMENTWISE_BLOCK_BYTES:
+        fn(*flat)  # small: a thread hand-off would cost more than it saves
+        return
     for_blocks(lambda start, stop: fn(*(v[start:stop] for v in flat)), flat[0].size, per_item, arrays[0],
                block_bytes=ELEMENTWISE_BLOCK_BYTES)
 

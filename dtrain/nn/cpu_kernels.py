@@ -1,4 +1,4 @@
-"""CPU kernels (Numba) for im2col, col2im and pooling: the API and arithmetic of :mod:`dtrain.nn.cuda_kernels`;
+"""CPU kernels (Numba) for im2col, col2im, pooling and ReLU's backward: the API and arithmetic of :mod:`dtrain.nn.cuda_kernels`;
 and, CPU only, direct convolutions and Winograd's tile transforms (:mod:`dtrain.nn.winograd`).
 
 Built from NumPy operations, these passes need several array operations per kernel
@@ -467,6 +467,12 @@ def _winograd_input_grad_add(dv, bt, m, ph, pw, tiles_w, first, gx, c0, c1):  # 
                             _axpy(out, coef, cols[i, b])
 
 
+@njit(nogil=True, cache=True)
+def _relu_backward(grad, y):  # pragma: no cover (compiled)
+    for i in range(grad.shape[0]):
+        grad[i] = 0 if y[i] <= 0 else grad[i]  # a select, which the compiler vectorizes
+
+
 def _computable(a: Array) -> Array:
     """``a`` in a dtype the kernels compile for: float16 goes to float32 (see the module docstring)."""
     if not a.flags.c_contiguous:
@@ -674,3 +680,18 @@ def avg_pool_backward(grad: Array, input_chwn: tuple[int, ...], kernel: Pair, st
     args = (source, *kernel, *stride, *padding, _share(kernel, source.dtype), gx)
     _per_channel_blocks(_avg_pool_backward, args, gx, gx[0].nbytes + source[0].nbytes)
     return gx.astype(grad.dtype, copy=False)
+
+
+def relu_backward(grad: Array, y: Array) -> Array:
+    """Zero ``grad`` in place where ReLU's output ``y`` is <= 0, as PyTorch's ReLU backward
+    does (a NaN output passes its gradient on); same-shaped arrays, ideally the 1-D pieces
+    of :func:`dtrain.nn.blocks.elementwise`. Others (and float16) are worked on as
+    C-ordered copies in a compiled dtype, written back."""
+    if grad.ndim == 1 and grad.flags.c_contiguous and y.flags.c_contiguous and grad.dtype != np.float16:
+        _relu_backward(grad, y)
+        return grad
+    work = np.float32 if grad.dtype == np.float16 else grad.dtype
+    g = np.array(grad, dtype=work, order="C").reshape(-1)
+    _relu_backward(g, np.array(y, dtype=work, order="C").reshape(-1))
+    grad[...] = g.reshape(grad.shape)
+    return grad

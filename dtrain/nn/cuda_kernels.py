@@ -1,4 +1,4 @@
-"""CUDA kernels (CuPy ``ElementwiseKernel``) for im2col, col2im and pooling on the GPU.
+"""CUDA kernels (CuPy ``ElementwiseKernel``) for im2col, col2im, pooling and ReLU's backward on the GPU.
 
 On the CPU, im2col and col2im are kh*kw strided array copies (:mod:`dtrain.nn.im2col`);
 on a GPU each of those would be a kernel launch over the whole array. Here every pass is
@@ -171,6 +171,9 @@ KERNELS: dict[str, tuple[str, str, str]] = {
     """) + """
         gx = (T)acc;
     """),
+    # ReLU's backward from its output y, in place: PyTorch's rule (a NaN output passes the
+    # gradient on). Plain (not raw) arrays: any memory layout, as long as the two match.
+    "relu_backward": ("T y", "T grad", "if (y <= (T)0) grad = (T)0;"),
 }
 
 
@@ -256,3 +259,9 @@ def avg_pool_backward(grad: Array, input_chwn: tuple[int, ...], kernel: Pair, st
     geometry = _geometry(input_chwn, kernel, stride, padding, grad.shape[1:3])
     _kernels()["avg_pool_backward"](_flat(grad), *geometry, gx)
     return gx
+
+
+def relu_backward(grad: Array, y: Array) -> Array:
+    """Zero ``grad`` in place where ReLU's output ``y`` (same shape) is <= 0."""
+    _kernels()["relu_backward"](y, grad)
+    return grad

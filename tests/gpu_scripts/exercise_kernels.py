@@ -7,12 +7,12 @@ from __future__ import annotations
 import cupy
 import numpy as np
 
-from dtrain.nn import AvgPool2d, Conv2d, MaxPool2d
+from dtrain.nn import AvgPool2d, Conv2d, MaxPool2d, ReLU
 
 rng = np.random.default_rng(0)
 for dtype in (np.float16, np.float32, np.float64):
     x = cupy.asarray(rng.normal(size=(3, 2, 9, 8)).astype(dtype))
-    for layer in (Conv2d(2, 4, 3, stride=2, padding=1, dtype=np.float32), MaxPool2d(3, 2, 1), AvgPool2d(2, 2, 1)):
+    for layer in (Conv2d(2, 4, 3, stride=2, padding=1, dtype=np.float32), MaxPool2d(3, 2, 1), AvgPool2d(2, 2, 1), ReLU()):
         layer.to(cupy, dtype)
         y = layer.forward(x)
         layer.backward(cupy.ones(y.shape, dtype=dtype))
