@@ -69,6 +69,23 @@ def test_matches_torch(xp, rng, dtype, case, algorithm):
                          x.astype(dtype), xp, rng)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_forward_relu_is_forward_then_relu_bit_for_bit(xp, rng, dtype, case, algorithm):
+    """The ReLU a layer applies as it writes its output (Sequential's fusion) gives the bits of
+    a separate ReLU (NumPy's maximum: NaN stays NaN, -0.0 stays -0.0) in every algorithm."""
+    layer, x = make_pair(case, rng, dtype)
+    layer.to(xp)
+    x = xp.asarray(x.astype(dtype))
+    x[0, 0, 0, :] = np.nan  # the outputs of windows over the first row are NaN
+    expected = to_host(layer.forward(x))
+    np.maximum(expected, 0, out=expected)
+    got = to_host(layer.forward_relu(x))
+    np.testing.assert_array_equal(got, expected)
+    assert np.isnan(got).any() and (got == 0).any() and (got > 0).any()
+    assert np.array_equal(np.signbit(got), np.signbit(expected))
+
+
 @pytest.mark.parametrize("case", [CASES[i] for i in (1, 2, 4, 7, 8, 10)], ids=[CASE_IDS[i] for i in (1, 2, 4, 7, 8, 10)])
 def test_finite_differences(xp, rng, case, algorithm):
     layer, x = make_pair(case, rng, np.float64)

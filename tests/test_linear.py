@@ -65,6 +65,19 @@ def test_a_batch_last_input_keeps_its_order(xp, rng, n):
     np.testing.assert_allclose(to_host(gx), to_host(expected), rtol=1e-12)
 
 
+@pytest.mark.parametrize("batch_last", [False, True])
+def test_forward_relu_is_forward_then_relu_bit_for_bit(xp, rng, batch_last):
+    layer = Linear(6, 5, rng=rng, dtype=np.float32).to(xp)
+    x = rng.normal(size=(6, 8)).T if batch_last else rng.normal(size=(8, 6))
+    x = xp.asarray(x.astype(np.float32))
+    x[0, 0] = np.nan
+    expected = to_host(layer.forward(x))
+    got = to_host(layer.forward_relu(x))
+    np.maximum(expected, 0, out=expected)
+    np.testing.assert_array_equal(got, expected)
+    assert np.isnan(got[0]).all() and (got[1:] == 0).any() and (got[1:] > 0).any()
+
+
 def test_backward_writes_grads_in_place(rng):
     layer = Linear(4, 3, rng=rng, dtype=np.float64)
     flat = np.zeros(15)

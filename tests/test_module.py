@@ -8,6 +8,9 @@ from layer_checks import rel_err
 
 from dtrain.backend import to_host
 from dtrain.nn.activation import ReLU, Tanh
+from dtrain.nn.conv import Conv2d
+from dtrain.nn.flatten import Flatten
+from dtrain.nn.pool import MaxPool2d
 from dtrain.nn.batchnorm import BatchNorm1d
 from dtrain.nn.dropout import Dropout
 from dtrain.nn.flat import FlatParameters
@@ -47,38 +50,52 @@ def test_forward_and_backward_order_and_hooks():
     assert model[1] is layers[1] and len(model) == 3
 
 
-def test_only_a_fresh_output_is_handed_on_to_be_written_over(rng):
-    """ReLU writes over its input only after a layer whose output nobody keeps (Linear):
-    never over the caller's input, nor over Tanh's output (Tanh's backward reads it), nor
-    over another ReLU's output; and the results are those of a model that copies."""
-    owned: list[int] = []
+def test_relu_is_applied_by_the_layer_before_or_over_a_fresh_output_only(rng):
+    """A ReLU right after Conv2d or Linear is applied by that layer (``forward_relu``, the
+    ReLU adopts the output); one after a pooling layer (a fresh output nobody keeps) writes
+    over its input; one after the caller's input, another ReLU or Tanh (whose backward reads
+    its output) computes into new memory. The results are PyTorch's."""
+    calls: list[tuple[str, int]] = []
 
     class SpyReLU(ReLU):
         def __init__(self, index: int) -> None:
             super().__init__()
             self.index = index
 
+        def forward(self, a):
+            calls.append(("forward", self.index))
+            return super().forward(a)
+
         def forward_owned(self, a):
-            owned.append(self.index)
+            calls.append(("owned", self.index))
             return super().forward_owned(a)
 
-    model = Sequential(SpyReLU(0), Linear(5, 5, rng=rng, dtype=np.float64), SpyReLU(2), SpyReLU(3), Tanh(), SpyReLU(5))
-    x = rng.normal(size=(4, 5))
+        def adopt(self, y):
+            calls.append(("adopt", self.index))
+            return super().adopt(y)
+
+    model = Sequential(SpyReLU(0), Conv2d(2, 3, 3, padding=1, rng=rng, dtype=np.float64), SpyReLU(2), SpyReLU(3),
+                       MaxPool2d(2), SpyReLU(5), Tanh(), SpyReLU(7), Flatten(), Linear(12, 4, rng=rng, dtype=np.float64),
+                       SpyReLU(10))
+    x = rng.normal(size=(3, 2, 4, 4))
     x_before = x.copy()
     y = model.forward(x)
-    assert owned == [2]
+    assert calls == [("forward", 0), ("adopt", 2), ("forward", 3), ("owned", 5), ("forward", 7), ("adopt", 10)]
     np.testing.assert_array_equal(x, x_before)
     g = rng.normal(size=y.shape)
     gx = model.backward(g.copy())
 
-    theirs = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Linear(5, 5).double(), torch.nn.ReLU(), torch.nn.ReLU(),
-                                 torch.nn.Tanh(), torch.nn.ReLU())
+    theirs = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Conv2d(2, 3, 3, padding=1).double(), torch.nn.ReLU(),
+                                 torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.ReLU(), torch.nn.Tanh(),
+                                 torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(12, 4).double(), torch.nn.ReLU())
     theirs.load_state_dict({k: torch.from_numpy(v) for k, v in model.state_dict().items()})
     tx = torch.from_numpy(x_before).requires_grad_()
     ty = theirs(tx)
     ty.backward(torch.from_numpy(g))
     assert rel_err(y, ty) < 1e-12
     assert rel_err(gx, tx.grad) < 1e-12
+    for (name, layer, key), (_, theirs_param) in zip(model.named_parameters(), theirs.named_parameters()):
+        assert rel_err(layer.grads[key], theirs_param.grad) < 1e-12, name
 
 
 def test_relu_on_an_owned_input_writes_over_it(rng):

@@ -26,11 +26,20 @@ class ReLU(_Elementwise):
     Backward reads the output, not a mask (as PyTorch's does): it zeroes ``grad_out`` in
     place where the output is not positive and returns it (the layer contract lets it).
     Given an input it owns (``forward_owned``) it writes the output over it: one pass over
-    memory the layer before has just written, and no new activation.
+    memory the layer before has just written, and no new activation; after Conv2d or
+    Linear, :class:`Sequential` has them apply it instead (``adopt``), and no pass is left.
     """
+
+    is_relu = True
 
     def forward(self, x: Array) -> Array:
         return self._relu(x, get_array_module(x).empty_like(x))  # x's memory layout
+
+    def adopt(self, y: Array) -> Array:
+        """Be the ReLU of the layer before, which applied it itself (its ``forward_relu``):
+        keep that layer's output ``y`` for backward, and return it."""
+        self._cache = y
+        return y
 
     def forward_owned(self, x: Array) -> Array:
         return self._relu(x, x)

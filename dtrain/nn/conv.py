@@ -42,6 +42,7 @@ class Conv2d(Module):
     """
 
     fresh_output = True  # forward returns new memory and keeps none of it
+    applies_relu = True
 
     def __init__(
         self,
@@ -88,6 +89,14 @@ class Conv2d(Module):
         Keeps the input for backward: ``x`` itself when it is batch-last (as every dtrain
         layer returns it; it must not change before backward), else a batch-last copy.
         """
+        return self._forward(x, relu=False)
+
+    def forward_relu(self, x: Array) -> Array:
+        """``forward`` followed by ReLU, applied as each output value is written (the
+        output then needs no pass of its own; see :class:`dtrain.nn.Sequential`)."""
+        return self._forward(x, relu=True)
+
+    def _forward(self, x: Array, relu: bool) -> Array:
         check_rank(self, x, 4, "N, C, H, W")
         check_dtype(self, x, self.params["weight"].dtype)
         f, oh, ow = self.output_shape(x.shape[1:])
@@ -98,30 +107,36 @@ class Conv2d(Module):
         self._kept_cols = None
         if self._direct(source):
             kernels_for(source).conv_direct_forward(source, self.params["weight"], self.params.get("bias"),
-                                                    self.stride, self.padding, y.reshape(f, oh, ow, n))
+                                                    self.stride, self.padding, y.reshape(f, oh, ow, n), relu)
         elif tile := self._winograd_tile(source, (oh, ow)):
             winograd.forward(kernels_for(source), source, self.params["weight"], self.params.get("bias"),
-                             self.padding, tile, y.reshape(f, oh, ow, n))
+                             self.padding, tile, y.reshape(f, oh, ow, n), relu)
         else:
-            self._gemm_forward(source, y, (oh, ow))
+            self._gemm_forward(source, y, (oh, ow), relu)
         self._saved = source
         return as_nchw(y.reshape(f, oh, ow, n))
 
-    def _gemm_forward(self, source: Array, y: Array, out_hw: tuple[int, int]) -> None:
-        """``y`` (F, OH*OW*N) = the weight matrix times each block's columns, plus the bias."""
+    def _gemm_forward(self, source: Array, y: Array, out_hw: tuple[int, int], relu: bool) -> None:
+        """``y`` (F, OH*OW*N) = the weight matrix times each block's columns, plus the bias,
+        and with ``relu`` its ``maximum(., 0)``."""
         n = source.shape[3]
         weight = self._weight_matrix()
         for first, cols in self._column_blocks(source, out_hw):
             matmul(weight, cols, out=y[:, first * n:first * n + cols.shape[1]])
         # One block (it starts at pixel 0 and holds them all): its columns stay for backward.
         self._kept_cols = cols if first == 0 and cols.shape[1] == y.shape[1] else None
-        if self.has_bias:
-            bias = self.params["bias"].reshape(-1, 1)
+        if not (self.has_bias or relu):
+            return
+        xp = get_array_module(y)
+        bias = self.params["bias"].reshape(-1, 1) if self.has_bias else None
 
-            def add_bias(start: int, stop: int) -> None:
+        def finish(start: int, stop: int) -> None:  # a few filters' rows, in cache for both operations
+            if bias is not None:
                 y[start:stop] += bias[start:stop]
+            if relu:
+                xp.maximum(y[start:stop], 0, out=y[start:stop])
 
-            for_blocks(add_bias, y.shape[0], y[0].nbytes, y)
+        for_blocks(finish, y.shape[0], y[0].nbytes, y)
 
     def backward(self, grad_out: Array, input_grad: bool = True) -> Array | None:
         """(N, F, OH, OW) -> (N, C, H, W); writes the weight and bias gradients in place.

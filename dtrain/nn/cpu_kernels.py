@@ -75,6 +75,14 @@ def _axpy(target, coef, source):  # pragma: no cover (compiled)
         target[i] += coef * source[i]
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _relu(target):  # pragma: no cover (compiled)
+    # NumPy's maximum(v, 0) bit for bit: NaN and -0.0 stay as they are.
+    for i in range(target.shape[0]):
+        v = target[i]
+        target[i] = v if v >= 0 or v != v else 0
+
+
 @njit(nogil=True, cache=True)
 def _im2col(x, kh, kw, sh, sw, ph, pw, out_w, first, cols, c0, c1):  # pragma: no cover (compiled)
     _, height, width, batch = x.shape
@@ -241,7 +249,7 @@ def _avg_pool_backward(gy, kh, kw, sh, sw, ph, pw, share, gx, c0, c1):  # pragma
 
 
 @njit(nogil=True, cache=True)
-def _conv_direct_forward(x, weight, bias, sh, sw, ph, pw, y, f0, f1):  # pragma: no cover (compiled)
+def _conv_direct_forward(x, weight, bias, sh, sw, ph, pw, relu, y, f0, f1):  # pragma: no cover (compiled)
     channels, height, width, batch = x.shape
     _, out_h, out_w, _ = y.shape
     kh, kw = weight.shape[2], weight.shape[3]
@@ -264,6 +272,8 @@ def _conv_direct_forward(x, weight, bias, sh, sw, ph, pw, y, f0, f1):  # pragma:
                             values = x[c, h, w]
                             for n in range(batch):
                                 acc[n] += tap * values[n]
+                if relu:
+                    _relu(acc)
 
 
 @njit(nogil=True, cache=True)
@@ -393,7 +403,7 @@ def _winograd_input(x, bt, m, ph, pw, tiles_w, first, v, c0, c1):  # pragma: no 
 
 
 @njit(nogil=True, cache=True)
-def _winograd_output(mm, at, bias, m, tiles_w, first, y, f0, f1):  # pragma: no cover (compiled)
+def _winograd_output(mm, at, bias, m, tiles_w, first, relu, y, f0, f1):  # pragma: no cover (compiled)
     _, out_h, out_w, batch = y.shape
     alpha = at.shape[1]
     cols = np.empty((m, alpha, batch), dtype=y.dtype)  # A^T M: (i, b, n)
@@ -416,6 +426,8 @@ def _winograd_output(mm, at, bias, m, tiles_w, first, y, f0, f1):  # pragma: no 
                         coef = at[j, b]
                         if coef != 0:
                             _axpy(out, coef, cols[i, b])
+                    if relu:
+                        _relu(out)
 
 
 @njit(nogil=True, cache=True)
@@ -509,15 +521,17 @@ def direct_conv_pays(out_channels: int, rows: int) -> bool:
     return out_channels * rows <= DIRECT_CONV_MAX_MACS
 
 
-def conv_direct_forward(x: Array, weight: Array, bias: Array | None, stride: Pair, padding: Pair, y: Array) -> Array:
+def conv_direct_forward(x: Array, weight: Array, bias: Array | None, stride: Pair, padding: Pair, y: Array,
+                        relu: bool = False) -> Array:
     """Fill ``y`` (F, OH, OW, N) with the cross-correlation of the batch-last input ``x``
     (C, H, W, N) with ``weight`` (F, C, kh, kw), plus ``bias`` (F,) when given; C-contiguous
-    arrays. Each output sums its taps in im2col row order, starting from the bias."""
+    arrays. Each output sums its taps in im2col row order, starting from the bias; with
+    ``relu``, then takes ``maximum(., 0)`` as NumPy does."""
     source = _computable(x)
     taps = weight.astype(source.dtype, copy=False)
     shift = bias.astype(source.dtype, copy=False) if bias is not None else np.zeros(weight.shape[0], source.dtype)
     target = y if y.dtype == source.dtype else np.empty(y.shape, source.dtype)
-    args = (source, taps, shift, *stride, *padding, target)
+    args = (source, taps, shift, *stride, *padding, relu, target)
     _per_channel_blocks(_conv_direct_forward, args, target, target[0].nbytes * taps[0].size)
     if target is not y:
         y[...] = target
@@ -595,10 +609,12 @@ def winograd_input(x: Array, bt: Array, m: int, padding: Pair, tiles_w: int, fir
     return v
 
 
-def winograd_output(mm: Array, at: Array, bias: Array, m: int, tiles_w: int, first: int, y: Array) -> Array:
+def winograd_output(mm: Array, at: Array, bias: Array, m: int, tiles_w: int, first: int, y: Array,
+                    relu: bool = False) -> Array:
     """Write ``A^T M A + bias`` of each transformed product M in ``mm`` (alpha^2, F, T*N) to
-    output tiles ``first .. first+T-1`` (m x m, cut at the edge) of ``y`` (F, OH, OW, N)."""
-    _per_channel_blocks(_winograd_output, (mm, at, bias, m, tiles_w, first, y), y, mm[:, 0].nbytes * 2)
+    output tiles ``first .. first+T-1`` (m x m, cut at the edge) of ``y`` (F, OH, OW, N);
+    with ``relu``, its ``maximum(., 0)`` as NumPy takes it."""
+    _per_channel_blocks(_winograd_output, (mm, at, bias, m, tiles_w, first, relu, y), y, mm[:, 0].nbytes * 2)
     return y
 
 

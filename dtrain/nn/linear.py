@@ -27,6 +27,7 @@ class Linear(Module):
     """
 
     fresh_output = True  # forward returns new memory and keeps none of it
+    applies_relu = True
 
     def __init__(
         self,
@@ -55,6 +56,13 @@ class Linear(Module):
     def forward(self, x: Array) -> Array:
         """(N, in_features) -> (N, out_features), in the input's memory order: a batch-last
         input (the transpose of C-contiguous memory) gives a batch-last output."""
+        return self._forward(x, relu=False)
+
+    def forward_relu(self, x: Array) -> Array:
+        """``forward`` followed by ReLU, in the pass that adds the bias."""
+        return self._forward(x, relu=True)
+
+    def _forward(self, x: Array, relu: bool) -> Array:
         self._check_input(x)
         self._x = x
         if _batch_last(x):  # weight @ x.T on C-contiguous operands: no transposition flag for BLAS
@@ -63,6 +71,8 @@ class Linear(Module):
             y = matmul(x, self.params["weight"].T)
         if "bias" in self.params:
             y += self.params["bias"]
+        if relu:
+            get_array_module(y).maximum(y, 0, out=y)
         return y
 
     def backward(self, grad_out: Array, input_grad: bool = True) -> Array | None:

@@ -37,6 +37,10 @@ class Module:
     # True when ``forward`` always returns new memory (or a view of it) that the layer keeps
     # no reference to: the next layer may then write over it (see ``forward_owned``).
     fresh_output: bool = False
+    # True when the layer has ``forward_relu``: its forward with ReLU applied as the output is
+    # written; Sequential uses it for a ReLU (``is_relu``) that follows the layer.
+    applies_relu: bool = False
+    is_relu: bool = False
 
     def __init__(self) -> None:
         self.params: dict[str, Array] = {}
@@ -53,6 +57,10 @@ class Module:
         before, as :class:`Sequential` passes it): the layer may write its output over ``x``.
         The default is ``forward``."""
         return self.forward(x)
+
+    def forward_relu(self, x: Array) -> Array:
+        """``forward`` followed by ReLU, in the pass that writes the output (``applies_relu``)."""
+        raise TypeError(f"{type(self).__name__} cannot apply ReLU in its forward (applies_relu is False)")
 
     def backward(self, grad_out: Array, input_grad: bool = True) -> Array | None:
         """d loss / d input from d loss / d output (``grad_out``), writing the parameters'
@@ -224,13 +232,21 @@ class Sequential(Module):
         self._backward_hooks.append(hook)
 
     def forward(self, x: Array) -> Array:
-        """The layers in order; a layer whose input is the previous layer's fresh output
-        (``fresh_output``) gets it through ``forward_owned``, so that an activation can work
-        in place. The caller's ``x`` is never written."""
-        owned = False
-        for layer in self.layers:
+        """The layers in order. A ReLU right after a layer that ``applies_relu`` (Conv2d,
+        Linear) is applied by that layer as it writes its output (``forward_relu``); the ReLU
+        only keeps the result for backward (``adopt``). Otherwise a layer whose input is the
+        previous layer's fresh output (``fresh_output``) gets it through ``forward_owned``, so
+        that an activation can work in place. The caller's ``x`` is never written."""
+        owned, i = False, 0
+        while i < len(self.layers):
+            layer = self.layers[i]
+            following = self.layers[i + 1] if i + 1 < len(self.layers) else None
+            if layer.applies_relu and following is not None and following.is_relu:
+                x = following.adopt(layer.forward_relu(x))
+                owned, i = following.fresh_output, i + 2
+                continue
             x = layer.forward_owned(x) if owned else layer.forward(x)
-            owned = layer.fresh_output
+            owned, i = layer.fresh_output, i + 1
         return x
 
     def backward(self, grad_out: Array, input_grad: bool = True) -> Array | None:

@@ -119,10 +119,11 @@ class _Plan:
 
 
 def forward(kernels: ModuleType, x: Array, weight: Array, bias: Array | None, padding: Pair, m: int,
-            y: Array) -> None:
+            y: Array, relu: bool = False) -> None:
     """Fill ``y`` (F, OH, OW, N) with the stride-1 cross-correlation of the batch-last input
     ``x`` (C, H, W, N) with ``weight`` (F, C, r, r), plus ``bias`` (F,) when given, by
-    F(m x m, r x r); C-contiguous float32 or float64 arrays."""
+    F(m x m, r x r), and with ``relu`` its ``maximum(., 0)``; C-contiguous float32 or
+    float64 arrays."""
     f, oh, ow, n = y.shape
     c = x.shape[0]
     plan = _Plan(kernels, x, weight, (oh, ow), m)
@@ -134,7 +135,7 @@ def forward(kernels: ModuleType, x: Array, weight: Array, bias: Array | None, pa
         kernels.winograd_input(x, plan.bt, m, padding, plan.tiles_w, first, v)
         for xi in range(plan.area):
             matmul(u[xi], v[xi], out=mm[xi])
-        kernels.winograd_output(mm, plan.at, shift, m, plan.tiles_w, first, y)
+        kernels.winograd_output(mm, plan.at, shift, m, plan.tiles_w, first, y, relu)
 
 
 def backward(kernels: ModuleType, x: Array, grad: Array, weight: Array, padding: Pair, m: int,
