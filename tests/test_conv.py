@@ -86,6 +86,40 @@ def test_forward_relu_is_forward_then_relu_bit_for_bit(xp, rng, dtype, case, alg
     assert np.array_equal(np.signbit(got), np.signbit(expected))
 
 
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("batch_last_input", [False, True])
+def test_backward_through_relu_is_backward_then_relus_bit_for_bit(xp, rng, case, algorithm, batch_last_input):
+    """The ReLU before the layer, run as col2im writes the input gradient (or after the
+    Winograd transform), gives the bits of ReLU's own backward, in every algorithm, over one
+    or several column blocks; the parameter gradients are untouched."""
+    layer, x = make_pair(case, rng, np.float64)
+    layer.to(xp)
+    x = np.maximum(x, 0)  # the input is a ReLU's output
+    x = xp.asarray(np.ascontiguousarray(x.transpose(1, 2, 3, 0)).transpose(3, 0, 1, 2) if batch_last_input else x)
+    g = xp.asarray(rng.normal(size=(x.shape[0], *layer.output_shape(x.shape[1:]))))
+    layer.forward(x)
+    expected = to_host(layer.backward(g.copy()))
+    expected[to_host(x) <= 0] = 0
+    expected_grads = {k: to_host(v).copy() for k, v in layer.grads.items()}
+    layer.forward(x)
+    got = layer.backward_through_relu(g.copy())
+    np.testing.assert_array_equal(to_host(got), expected)
+    for k, v in layer.grads.items():
+        np.testing.assert_array_equal(to_host(v), expected_grads[k])
+
+
+def test_backward_through_relu_over_several_column_blocks(rng, monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "COLUMN_BLOCK_BYTES", 2000)  # several blocks of output pixels
+    layer, x = make_pair(CASES[1], rng, np.float64)
+    x = np.maximum(x, 0)
+    g = rng.normal(size=(x.shape[0], *layer.output_shape(x.shape[1:])))
+    layer.forward(x)
+    expected = layer.backward(g.copy())
+    expected[x <= 0] = 0
+    layer.forward(x)
+    np.testing.assert_array_equal(layer.backward_through_relu(g.copy()), expected)
+
+
 @pytest.mark.parametrize("case", [CASES[i] for i in (1, 2, 4, 7, 8, 10)], ids=[CASE_IDS[i] for i in (1, 2, 4, 7, 8, 10)])
 def test_finite_differences(xp, rng, case, algorithm):
     layer, x = make_pair(case, rng, np.float64)
@@ -132,6 +166,21 @@ def test_col2im_adds_to_what_is_there(rng):
     once = cpu_kernels.col2im_add(cols, np.zeros_like(source), (3, 3), (1, 1), (1, 1), (4, 4))
     twice = cpu_kernels.col2im_add(cols, once.copy(), (3, 3), (1, 1), (1, 1), (4, 4))
     np.testing.assert_allclose(twice, 2 * once, rtol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+def test_col2im_fresh_ignores_the_image_and_a_gate_is_relus_backward(rng, dtype):
+    source = np.ascontiguousarray(rng.normal(size=(2, 4, 4, 3)).astype(dtype))
+    cols = rng.normal(size=(2 * 9, 16 * 3)).astype(dtype)
+    geometry = ((3, 3), (1, 1), (1, 1), (4, 4))
+    expected = cpu_kernels.col2im_add(cols, np.zeros_like(source), *geometry)
+    fresh = cpu_kernels.col2im_add(cols, np.full_like(source, np.nan), *geometry, fresh=True)
+    np.testing.assert_array_equal(fresh, expected)
+    gate = np.maximum(source, 0)
+    gate[0, 0, 0, 0] = np.nan  # a NaN output of ReLU passes its gradient on, as in PyTorch
+    gated = cpu_kernels.col2im_add(cols, np.full_like(source, np.nan), *geometry, fresh=True, gate=gate)
+    np.testing.assert_array_equal(gated, np.where(gate <= 0, 0, expected))
+    assert (gated == 0).any() and gated[0, 0, 0, 0] == expected[0, 0, 0, 0] != 0
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])

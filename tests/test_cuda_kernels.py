@@ -128,12 +128,22 @@ def test_im2col_and_col2im_bodies_match_the_cpu_kernels(c_kernels, rng, dtype, s
         expected_img = cpu_kernels.col2im_add(g.astype(_work(dtype)), np.zeros(x.shape, _work(dtype)), kernel,
                                               stride, padding, out_hw, first).astype(dtype)
         img = np.zeros(x.shape, dtype=dtype)
-        c_kernels(dtype, "col2im", [g], (*geometry, first, count), [img])
+        c_kernels(dtype, "col2im", [g, img], (*geometry, first, count, 0, 0), [img])
         np.testing.assert_array_equal(img, expected_img)
         # col2im adds to what the image holds: a second block on top of the first
-        c_kernels(dtype, "col2im", [g], (*geometry, first, count), [img])
+        c_kernels(dtype, "col2im", [g, img], (*geometry, first, count, 0, 0), [img])
         np.testing.assert_allclose(img.astype(np.float64), 2 * expected_img.astype(np.float64),
                                    rtol=float(np.finfo(dtype).eps) * 4)
+        # fresh: what the image held is ignored; gated: then zeroed where the gate is <= 0, as the
+        # CPU kernel does (its gate in float32 for float16, which compares alike)
+        gate = np.maximum(_data(rng, x.shape, dtype), 0)
+        expected_gated = cpu_kernels.col2im_add(g.astype(_work(dtype)), np.full(x.shape, np.nan, _work(dtype)),
+                                                kernel, stride, padding, out_hw, first, fresh=True,
+                                                gate=gate.astype(_work(dtype))).astype(dtype)
+        np.testing.assert_array_equal(expected_gated, np.where(gate <= 0, 0, expected_img))
+        img = np.full(x.shape, np.nan, dtype=dtype)
+        c_kernels(dtype, "col2im", [g, gate], (*geometry, first, count, 1, 1), [img])
+        np.testing.assert_array_equal(img, expected_gated)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

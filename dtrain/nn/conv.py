@@ -9,7 +9,7 @@ import numpy as np
 from dtrain.backend import DEFAULT_DTYPE, get_array_module
 from dtrain.checks import check_int
 from dtrain.nn import winograd
-from dtrain.nn.blocks import for_blocks
+from dtrain.nn.blocks import elementwise, for_blocks
 from dtrain.nn.checks import check_dim, check_dtype, check_rank, pair
 from dtrain.nn.gemm import matmul
 from dtrain.nn.im2col import pixel_blocks, sliding_output_hw
@@ -42,7 +42,8 @@ class Conv2d(Module):
     """
 
     fresh_output = True  # forward returns new memory and keeps none of it
-    applies_relu = True
+    fuses_relu_after = True
+    fuses_relu_before = True
 
     def __init__(
         self,
@@ -145,6 +146,15 @@ class Conv2d(Module):
         it is not computed (the first layer's: nobody needs it) and None is returned.
         Each ``forward`` supports exactly one ``backward``.
         """
+        return self._backward(grad_out, input_grad, relu_before=False)
+
+    def backward_through_relu(self, grad_out: Array) -> Array:
+        """``backward``, then the backward of the ReLU whose output was this layer's input,
+        applied as the input gradient is written (col2im zeroes it where the input is <= 0;
+        see :class:`dtrain.nn.Sequential`)."""
+        return self._backward(grad_out, True, relu_before=True)
+
+    def _backward(self, grad_out: Array, input_grad: bool, relu_before: bool) -> Array | None:
         if self._saved is None:
             raise RuntimeError(f"{self!r}: backward needs a forward first (each forward supports one backward)")
         check_rank(self, grad_out, 4, "N, F, OH, OW")
@@ -159,7 +169,6 @@ class Conv2d(Module):
         # (F, OH*OW*N): grad_out's own memory when it is batch-last, as ReLU and pooling leave it.
         g = batch_last(grad_out, self._workspace, "g_cols").reshape(f, oh * ow * n)
         weight = self._weight_matrix()
-        grad_in = xp.zeros(source.shape, dtype=source.dtype) if input_grad else None
         kernels = kernels_for(source)
         direct = self._direct(source)
         if self.has_bias and not direct:  # the direct kernel sums the bias gradient itself
@@ -168,20 +177,29 @@ class Conv2d(Module):
             kernels.conv_direct_weight_grad(source, g.reshape(f, oh, ow, n), self.stride, self.padding,
                                             self.grads["weight"], self.grads.get("bias"))
             # The input gradient, if wanted, still goes through columns: weight.T @ dY, then col2im.
-            blocks = self._column_blocks(source, (oh, ow), fill=False) if grad_in is not None else []
+            blocks = self._column_blocks(source, (oh, ow), fill=False) if input_grad else []
         elif tile := self._winograd_tile(source, (oh, ow)):
+            grad_in = xp.zeros(source.shape, dtype=source.dtype) if input_grad else None
             winograd.backward(kernels, source, g.reshape(f, oh, ow, n), self.params["weight"], self.padding, tile,
                               self.grads["weight"], grad_in)
-            return None if grad_in is None else as_nchw(grad_in)
+            if grad_in is None:
+                return None
+            if relu_before:
+                elementwise(kernels.relu_backward, grad_in, source)
+            return as_nchw(grad_in)
         else:
             blocks = [(0, kept)] if kept is not None else self._column_blocks(source, (oh, ow))
+        # Written by the first block's col2im (fresh): no zeroing pass.
+        grad_in = xp.empty(source.shape, dtype=source.dtype) if input_grad else None
         for index, (first, cols) in enumerate(blocks):
             g_block = g[:, first * n:first * n + cols.shape[1]]
             if not direct:
                 self._add_weight_grad(g_block, cols, accumulate=index > 0)
             if grad_in is not None:
                 matmul(weight.T, g_block, out=cols)  # the block's columns are used up: reuse them
-                kernels.col2im_add(cols, grad_in, self.kernel_size, self.stride, self.padding, (oh, ow), first)
+                last = first * n + cols.shape[1] == g.shape[1]
+                kernels.col2im_add(cols, grad_in, self.kernel_size, self.stride, self.padding, (oh, ow), first,
+                                   fresh=index == 0, gate=source if relu_before and last else None)
         return None if grad_in is None else as_nchw(grad_in)
 
     def _add_weight_grad(self, g_block: Array, cols: Array, accumulate: bool) -> None:

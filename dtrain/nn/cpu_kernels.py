@@ -84,6 +84,12 @@ def _relu(target):  # pragma: no cover (compiled)
 
 
 @njit(nogil=True, cache=True)
+def _relu_backward(grad, y):  # pragma: no cover (compiled)
+    for i in range(grad.shape[0]):
+        grad[i] = 0 if y[i] <= 0 else grad[i]  # a select, which the compiler vectorizes
+
+
+@njit(nogil=True, cache=True)
 def _im2col(x, kh, kw, sh, sw, ph, pw, out_w, first, cols, c0, c1):  # pragma: no cover (compiled)
     _, height, width, batch = x.shape
     flat = x.reshape(-1)
@@ -115,11 +121,14 @@ def _im2col(x, kh, kw, sh, sw, ph, pw, out_w, first, cols, c0, c1):  # pragma: n
 
 
 @njit(nogil=True, cache=True)
-def _col2im_add(cols, kh, kw, sh, sw, ph, pw, out_w, first, img, c0, c1):  # pragma: no cover (compiled)
+def _col2im_add(cols, kh, kw, sh, sw, ph, pw, out_w, first, fresh, gate, gated, img, c0, c1):  # pragma: no cover
     _, height, width, batch = img.shape
     flat = img.reshape(-1)
+    plane = height * width * batch
     last = first + cols.shape[1] // batch
     for c in range(c0, c1):
+        if fresh:  # the channel's plane, zeroed in cache right before the adds
+            _zero(flat[c * plane:(c + 1) * plane])
         for ki in range(kh):  # offsets in increasing order: each input sums them in that order
             for kj in range(kw):
                 row = cols[(c * kh + ki) * kw + kj]
@@ -139,6 +148,8 @@ def _col2im_add(cols, kh, kw, sh, sw, ph, pw, out_w, first, img, c0, c1):  # pra
                                 src = at + (ow - ow0) * batch
                                 _add(flat[dst:dst + batch], row[src:src + batch])
                     p += ow1 - ow0
+        if gated:
+            _relu_backward(flat[c * plane:(c + 1) * plane], gate.reshape(-1)[c * plane:(c + 1) * plane])
 
 
 @njit(nogil=True, cache=True)
@@ -479,12 +490,6 @@ def _winograd_input_grad_add(dv, bt, m, ph, pw, tiles_w, first, gx, c0, c1):  # 
                             _axpy(out, coef, cols[i, b])
 
 
-@njit(nogil=True, cache=True)
-def _relu_backward(grad, y):  # pragma: no cover (compiled)
-    for i in range(grad.shape[0]):
-        grad[i] = 0 if y[i] <= 0 else grad[i]  # a select, which the compiler vectorizes
-
-
 def _computable(a: Array) -> Array:
     """``a`` in a dtype the kernels compile for: float16 goes to float32 (see the module docstring)."""
     if not a.flags.c_contiguous:
@@ -649,12 +654,18 @@ def im2col(x: Array, kernel: Pair, stride: Pair, padding: Pair, out_hw: Pair, co
 
 
 def col2im_add(cols: Array, img: Array, kernel: Pair, stride: Pair, padding: Pair, out_hw: Pair,
-               first: int = 0) -> Array:
+               first: int = 0, fresh: bool = False, gate: Array | None = None) -> Array:
     """The adjoint of :func:`im2col`: add the columns (C*kh*kw, P*N) of output pixels
-    ``first ..`` into ``img`` (C, H, W, N), C-contiguous, each input in kernel-offset order."""
+    ``first ..`` into ``img`` (C, H, W, N), C-contiguous, each input in kernel-offset order.
+
+    ``fresh``: ``img``'s content is ignored, as if it were zeros (a new gradient's first
+    block: its memory needs no zeroing pass). ``gate`` (like ``img``): then zero ``img``
+    where ``gate`` <= 0, as ReLU's backward does with its output (:func:`relu_backward`);
+    for the last block, when ``gate`` is the output of a ReLU that fed this convolution."""
     source = _computable(cols)
     target = img if img.dtype == source.dtype else img.astype(source.dtype)
-    args = (source, *kernel, *stride, *padding, out_hw[1], first, target)
+    gating = target if gate is None else _computable(gate).astype(source.dtype, copy=False)
+    args = (source, *kernel, *stride, *padding, out_hw[1], first, fresh, gating, gate is not None, target)
     _per_channel_blocks(_col2im_add, args, target, cols[0].nbytes * kernel[0] * kernel[1])
     if target is not img:
         img[...] = target

@@ -109,14 +109,16 @@ KERNELS: dict[str, tuple[str, str, str]] = {
         col = (h >= 0 && h < H && w >= 0 && w < W) ? x[((c * H + h) * W + w) * N + b] : (T)0;
     """),
     # Adds the block's columns into img: each input sums the outputs of the block whose
-    # window holds it, offsets in increasing order.
-    "col2im": (f"raw T col, {_GEOMETRY}, {_BLOCK}", "T img", _INPUT_INDEX + """
+    # window holds it, offsets in increasing order. FRESH: img counts as zeros. GATED: then
+    # img is zeroed where gate <= 0 (the backward of a ReLU whose output gate was).
+    "col2im": (f"raw T col, raw T gate, {_GEOMETRY}, {_BLOCK}, int64 FRESH, int64 GATED", "T img", _INPUT_INDEX + """
         A acc = (A)0;
     """ + _FOR_EACH_COVERING_OUTPUT.format(body="""
         const long long p = oh * OW + ow - P0;
         if (p >= 0 && p < P) acc += (A)col[(((c * KH + ki) * KW + kj) * P + p) * N + b];
     """) + """
-        img = (T)((A)img + acc);
+        const T sum = (T)((FRESH ? (A)0 : (A)img) + acc);
+        img = (GATED && gate[i] <= (T)0) ? (T)0 : sum;
     """),
     # The first maximum in offset order wins (strict >), like the CPU kernels and PyTorch;
     # padding never wins (it is -inf there).
@@ -211,12 +213,14 @@ def im2col(x: Array, kernel: Pair, stride: Pair, padding: Pair, out_hw: Pair, co
 
 
 def col2im_add(cols: Array, img: Array, kernel: Pair, stride: Pair, padding: Pair, out_hw: Pair,
-               first: int = 0) -> Array:
+               first: int = 0, fresh: bool = False, gate: Array | None = None) -> Array:
     """The adjoint of :func:`im2col`: add the columns (C*kh*kw, P*N) of output pixels
-    ``first ..`` into ``img`` (C, H, W, N), C-contiguous, each input in kernel-offset order."""
+    ``first ..`` into ``img`` (C, H, W, N), C-contiguous, each input in kernel-offset order;
+    ``fresh`` and ``gate`` as in :func:`dtrain.nn.cpu_kernels.col2im_add`."""
     pixels = cols.shape[1] // img.shape[3]
-    _kernels()["col2im"](_flat(cols), *_geometry(img.shape, kernel, stride, padding, out_hw), first, pixels,
-                         _flat(img))
+    gating = _flat(img if gate is None else gate)
+    _kernels()["col2im"](_flat(cols), gating, *_geometry(img.shape, kernel, stride, padding, out_hw), first, pixels,
+                         int(fresh), int(gate is not None), _flat(img))
     return img
 
 

@@ -27,7 +27,7 @@ class Linear(Module):
     """
 
     fresh_output = True  # forward returns new memory and keeps none of it
-    applies_relu = True
+    fuses_relu_after = True
 
     def __init__(
         self,

@@ -39,7 +39,10 @@ class Module:
     fresh_output: bool = False
     # True when the layer has ``forward_relu``: its forward with ReLU applied as the output is
     # written; Sequential uses it for a ReLU (``is_relu``) that follows the layer.
-    applies_relu: bool = False
+    fuses_relu_after: bool = False
+    # True when the layer has ``backward_through_relu``: its backward followed by that of a
+    # ReLU right before it, applied as the input gradient is written.
+    fuses_relu_before: bool = False
     is_relu: bool = False
 
     def __init__(self) -> None:
@@ -59,8 +62,13 @@ class Module:
         return self.forward(x)
 
     def forward_relu(self, x: Array) -> Array:
-        """``forward`` followed by ReLU, in the pass that writes the output (``applies_relu``)."""
-        raise TypeError(f"{type(self).__name__} cannot apply ReLU in its forward (applies_relu is False)")
+        """``forward`` followed by ReLU, in the pass that writes the output (``fuses_relu_after``)."""
+        raise TypeError(f"{type(self).__name__} cannot apply ReLU in its forward (fuses_relu_after is False)")
+
+    def backward_through_relu(self, grad_out: Array) -> Array:
+        """``backward``, then the backward of the ReLU whose output was this layer's input,
+        in the pass that writes the input gradient (``fuses_relu_before``)."""
+        raise TypeError(f"{type(self).__name__} cannot apply ReLU's backward (fuses_relu_before is False)")
 
     def backward(self, grad_out: Array, input_grad: bool = True) -> Array | None:
         """d loss / d input from d loss / d output (``grad_out``), writing the parameters'
@@ -232,7 +240,7 @@ class Sequential(Module):
         self._backward_hooks.append(hook)
 
     def forward(self, x: Array) -> Array:
-        """The layers in order. A ReLU right after a layer that ``applies_relu`` (Conv2d,
+        """The layers in order. A ReLU right after a layer that ``fuses_relu_after`` (Conv2d,
         Linear) is applied by that layer as it writes its output (``forward_relu``); the ReLU
         only keeps the result for backward (``adopt``). Otherwise a layer whose input is the
         previous layer's fresh output (``fresh_output``) gets it through ``forward_owned``, so
@@ -241,7 +249,7 @@ class Sequential(Module):
         while i < len(self.layers):
             layer = self.layers[i]
             following = self.layers[i + 1] if i + 1 < len(self.layers) else None
-            if layer.applies_relu and following is not None and following.is_relu:
+            if layer.fuses_relu_after and following is not None and following.is_relu:
                 x = following.adopt(layer.forward_relu(x))
                 owned, i = following.fresh_output, i + 2
                 continue
@@ -254,18 +262,34 @@ class Sequential(Module):
 
         ``input_grad=False`` (training: nobody needs d loss / d input) stops at the first
         layer with parameters, which is told not to compute its input gradient; the layers
-        before it have nothing to contribute and are skipped. Returns None then.
+        before it have nothing to contribute and are skipped. Returns None then. A ReLU
+        right before a layer that ``fuses_relu_before`` (Conv2d) is run by that layer as it
+        writes its input gradient (``backward_through_relu``); the hooks still see both.
         """
         first = 0 if input_grad else next((i for i, layer in enumerate(self.layers) if layer.params), len(self.layers))
         g = grad_out
-        for i in range(len(self.layers) - 1, -1, -1):
-            if i > first or input_grad:
-                g = self.layers[i].backward(g)
+        i = len(self.layers) - 1
+        while i >= 0:
+            layer = self.layers[i]
+            wanted = i > first or input_grad
+            before = self.layers[i - 1] if i > 0 else None
+            if wanted and layer.fuses_relu_before and before is not None and before.is_relu:
+                g = layer.backward_through_relu(g)
+                self._after_backward(i, layer)
+                self._after_backward(i - 1, before)
+                i -= 2
+                continue
+            if wanted:
+                g = layer.backward(g)
             elif i == first:
-                g = self.layers[i].backward(g, input_grad=False)
-            for hook in self._backward_hooks:
-                hook(i, self.layers[i])
+                g = layer.backward(g, input_grad=False)
+            self._after_backward(i, layer)
+            i -= 1
         return g if input_grad else None
+
+    def _after_backward(self, index: int, layer: Module) -> None:
+        for hook in self._backward_hooks:
+            hook(index, layer)
 
     def output_shape(self, input_shape: Shape) -> Shape:
         shape = tuple(input_shape)
