@@ -108,9 +108,9 @@ def test_backward_through_relu_is_backward_then_relus_bit_for_bit(xp, rng, case,
         np.testing.assert_array_equal(to_host(v), expected_grads[k])
 
 
-def test_backward_through_relu_over_several_column_blocks(rng, monkeypatch):
-    monkeypatch.setattr(cpu_kernels, "COLUMN_BLOCK_BYTES", 2000)  # several blocks of output pixels
-    layer, x = make_pair(CASES[1], rng, np.float64)
+def test_backward_through_relu_over_several_column_blocks(rng, monkeypatch, algorithm):
+    monkeypatch.setattr(cpu_kernels, "COLUMN_BLOCK_BYTES", 2000)  # several blocks of output pixels or tiles
+    layer, x = make_pair(CASES[8], rng, np.float64)
     x = np.maximum(x, 0)
     g = rng.normal(size=(x.shape[0], *layer.output_shape(x.shape[1:])))
     layer.forward(x)

@@ -9,7 +9,7 @@ import numpy as np
 from dtrain.backend import DEFAULT_DTYPE, get_array_module
 from dtrain.checks import check_int
 from dtrain.nn import winograd
-from dtrain.nn.blocks import elementwise, for_blocks
+from dtrain.nn.blocks import for_blocks
 from dtrain.nn.checks import check_dim, check_dtype, check_rank, pair
 from dtrain.nn.gemm import matmul
 from dtrain.nn.im2col import pixel_blocks, sliding_output_hw
@@ -173,24 +173,19 @@ class Conv2d(Module):
         direct = self._direct(source)
         if self.has_bias and not direct:  # the direct kernel sums the bias gradient itself
             xp.sum(g, axis=1, out=self.grads["bias"])
+        # Written by the first block's col2im or Winograd transform (fresh): no zeroing pass.
+        grad_in = xp.empty(source.shape, dtype=source.dtype) if input_grad else None
         if direct:
             kernels.conv_direct_weight_grad(source, g.reshape(f, oh, ow, n), self.stride, self.padding,
                                             self.grads["weight"], self.grads.get("bias"))
             # The input gradient, if wanted, still goes through columns: weight.T @ dY, then col2im.
             blocks = self._column_blocks(source, (oh, ow), fill=False) if input_grad else []
         elif tile := self._winograd_tile(source, (oh, ow)):
-            grad_in = xp.zeros(source.shape, dtype=source.dtype) if input_grad else None
             winograd.backward(kernels, source, g.reshape(f, oh, ow, n), self.params["weight"], self.padding, tile,
-                              self.grads["weight"], grad_in)
-            if grad_in is None:
-                return None
-            if relu_before:
-                elementwise(kernels.relu_backward, grad_in, source)
-            return as_nchw(grad_in)
+                              self.grads["weight"], grad_in, relu_before)
+            return None if grad_in is None else as_nchw(grad_in)
         else:
             blocks = [(0, kept)] if kept is not None else self._column_blocks(source, (oh, ow))
-        # Written by the first block's col2im (fresh): no zeroing pass.
-        grad_in = xp.empty(source.shape, dtype=source.dtype) if input_grad else None
         for index, (first, cols) in enumerate(blocks):
             g_block = g[:, first * n:first * n + cols.shape[1]]
             if not direct:

@@ -460,11 +460,15 @@ def _winograd_output_grad(gy, at, m, tiles_w, first, dm, f0, f1):  # pragma: no 
 
 
 @njit(nogil=True, cache=True)
-def _winograd_input_grad_add(dv, bt, m, ph, pw, tiles_w, first, gx, c0, c1):  # pragma: no cover (compiled)
+def _winograd_input_grad_add(dv, bt, m, ph, pw, tiles_w, first, fresh, gate, gated, gx, c0, c1):  # pragma: no cover
     _, height, width, batch = gx.shape
+    plane = height * width * batch
+    flat = gx.reshape(-1)
     alpha = bt.shape[0]
     cols = np.empty((alpha, alpha, batch), dtype=gx.dtype)  # B dV over a: (i, b, n)
     for c in range(c0, c1):
+        if fresh:  # the channel's plane, zeroed in cache right before the adds
+            _zero(flat[c * plane:(c + 1) * plane])
         for t in range(dv.shape[2] // batch):
             ty, tx = divmod(first + t, tiles_w)
             cols[:] = 0
@@ -488,6 +492,8 @@ def _winograd_input_grad_add(dv, bt, m, ph, pw, tiles_w, first, gx, c0, c1):  # 
                         coef = bt[b, j]
                         if coef != 0:
                             _axpy(out, coef, cols[i, b])
+        if gated:
+            _relu_backward(flat[c * plane:(c + 1) * plane], gate.reshape(-1)[c * plane:(c + 1) * plane])
 
 
 def _computable(a: Array) -> Array:
@@ -632,12 +638,12 @@ def winograd_output_grad(grad: Array, at: Array, m: int, tiles_w: int, first: in
 
 
 def winograd_input_grad_add(dv: Array, bt: Array, m: int, padding: Pair, tiles_w: int, first: int,
-                            gx: Array) -> Array:
+                            gx: Array, fresh: bool = False, gate: Array | None = None) -> Array:
     """The adjoint of :func:`winograd_input`: add ``B dV B^T`` of each tile of ``dv`` (alpha^2,
     C, T*N) into the input gradient ``gx`` (C, H, W, N) where the tile lies inside the image;
-    overlapping tiles add in tile order."""
-    _per_channel_blocks(_winograd_input_grad_add, (dv, bt, m, *padding, tiles_w, first, gx), gx,
-                        dv[:, 0].nbytes * 2)
+    overlapping tiles add in tile order. ``fresh`` and ``gate`` as in :func:`col2im_add`."""
+    args = (dv, bt, m, *padding, tiles_w, first, fresh, gx if gate is None else gate, gate is not None, gx)
+    _per_channel_blocks(_winograd_input_grad_add, args, gx, dv[:, 0].nbytes * 2)
     return gx
 
 

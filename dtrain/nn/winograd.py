@@ -139,10 +139,12 @@ def forward(kernels: ModuleType, x: Array, weight: Array, bias: Array | None, pa
 
 
 def backward(kernels: ModuleType, x: Array, grad: Array, weight: Array, padding: Pair, m: int,
-             weight_grad: Array, grad_in: Array | None) -> None:
+             weight_grad: Array, grad_in: Array | None, relu_before: bool = False) -> None:
     """The gradients of :func:`forward`: write the weight gradient (F, C, r, r) into
     ``weight_grad`` from the input ``x`` (C, H, W, N) and the output gradient ``grad`` (F,
-    OH, OW, N); add the input gradient into ``grad_in`` (C, H, W, N) unless it is None."""
+    OH, OW, N); write the input gradient into ``grad_in`` (C, H, W, N; its content is
+    ignored) unless it is None, with ``relu_before`` zeroed where ``x`` <= 0 (the backward
+    of the ReLU whose output ``x`` was)."""
     f, oh, ow, n = grad.shape
     c = x.shape[0]
     plan = _Plan(kernels, x, weight, (oh, ow), m)
@@ -163,5 +165,7 @@ def backward(kernels: ModuleType, x: Array, grad: Array, weight: Array, padding:
             if u is not None:
                 matmul(u[xi].T, dm[xi], out=v[xi])  # V[xi] is used up: it takes dV[xi]
         if grad_in is not None:
-            kernels.winograd_input_grad_add(v, plan.bt, m, padding, plan.tiles_w, first, grad_in)
+            last = index == len(plan.blocks) - 1
+            kernels.winograd_input_grad_add(v, plan.bt, m, padding, plan.tiles_w, first, grad_in, fresh=index == 0,
+                                            gate=x if relu_before and last else None)
     kernels.winograd_weight_grad(du, plan.g, weight_grad)
