@@ -128,14 +128,15 @@ def test_device_arrays_compute_like_numpy_views_and_all():
 
 @needs_gxx
 def test_dtrain_layers_on_the_fake_gpu_match_the_cpu_path():
-    """Conv2d, MaxPool2d, AvgPool2d (their CUDA kernels), Linear and ReLU, forward and
-    backward in float32 and float64, on GPU 0 and on GPU 1, against the NumPy path."""
+    """Conv2d, MaxPool2d, AvgPool2d (their CUDA kernels), Linear and ReLU, alone and with the
+    ReLUs fused into a Sequential's layers, forward and backward in float32 and float64, on
+    GPU 0 and on GPU 1, against the NumPy path."""
     assert_ok(run_fake("""
         import warnings
         import numpy as np
         import cupy
         from cupy._util import PerformanceWarning
-        from dtrain.nn import AvgPool2d, Conv2d, Linear, MaxPool2d, ReLU
+        from dtrain.nn import AvgPool2d, Conv2d, Flatten, Linear, MaxPool2d, ReLU, Sequential
 
         warnings.simplefilter("error", PerformanceWarning)  # nothing may touch another device's array
         cases = [
@@ -147,6 +148,11 @@ def test_dtrain_layers_on_the_fake_gpu_match_the_cpu_path():
             (lambda d: AvgPool2d((2, 3), 1), (2, 2, 5, 7)),
             (lambda d: Linear(7, 5, rng=np.random.default_rng(3), dtype=d), (4, 7)),
             (lambda d: ReLU(), (2, 3, 4, 5)),
+            # ReLUs fused into the layers around them: forward_relu, backward_through_relu
+            (lambda d: Sequential(Conv2d(3, 4, 3, stride=2, padding=1, rng=np.random.default_rng(4), dtype=d), ReLU(),
+                                  Conv2d(4, 5, 3, padding=1, rng=np.random.default_rng(5), dtype=d), ReLU(),
+                                  Flatten(), Linear(100, 6, rng=np.random.default_rng(6), dtype=d), ReLU()),
+             (2, 3, 9, 8)),
         ]
 
         def close(got, want, tol, what):
