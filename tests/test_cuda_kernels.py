@@ -156,7 +156,7 @@ def test_max_pool_bodies_match_the_cpu_path(c_kernels, rng, dtype, shape, kernel
     out_hw, geometry = _geometry(shape, kernel, stride, padding)
     y = np.empty(_chwn(expected).shape, dtype=dtype)
     arg = np.empty(y.shape, dtype=np.uint8)
-    c_kernels(dtype, "max_pool_forward", [_chwn(x)], geometry, [y, arg])
+    c_kernels(dtype, "max_pool_forward", [_chwn(x)], (*geometry, 0), [y, arg])
     np.testing.assert_array_equal(y, _chwn(expected))
     np.testing.assert_array_equal(arg, layer._argmax(y.shape, np))  # the CPU path's winners
 
@@ -165,6 +165,15 @@ def test_max_pool_bodies_match_the_cpu_path(c_kernels, rng, dtype, shape, kernel
     dx = np.empty(_chwn(x).shape, dtype=dtype)
     c_kernels(dtype, "max_pool_backward", [_chwn(g), arg], geometry, [dx])
     np.testing.assert_array_equal(dx, _chwn(expected_dx))
+    # After a ReLU (gated): windows whose maximum is <= 0 have no winner (offset kh*kw)
+    relu_out = np.maximum(x, 0)
+    relu_out[0, 0] = 0  # a channel whose windows all have the maximum 0
+    gated = MaxPool2d(kernel, stride, padding)
+    gated.forward_after_relu(relu_out.astype(_work(dtype)))
+    c_kernels(dtype, "max_pool_forward", [_chwn(relu_out)], (*geometry, 1), [y, arg])
+    expected_arg = gated._argmax(y.shape, np)
+    np.testing.assert_array_equal(arg, expected_arg)
+    assert (expected_arg == kernel[0] * kernel[1]).any() and (expected_arg < kernel[0] * kernel[1]).any()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -151,7 +151,7 @@ def test_dtrain_layers_on_the_fake_gpu_match_the_cpu_path():
             # ReLUs fused into the layers around them: forward_relu, backward_through_relu
             (lambda d: Sequential(Conv2d(3, 4, 3, stride=2, padding=1, rng=np.random.default_rng(4), dtype=d), ReLU(),
                                   Conv2d(4, 5, 3, padding=1, rng=np.random.default_rng(5), dtype=d), ReLU(),
-                                  Flatten(), Linear(100, 6, rng=np.random.default_rng(6), dtype=d), ReLU()),
+                                  MaxPool2d(2), Flatten(), Linear(20, 6, rng=np.random.default_rng(6), dtype=d), ReLU()),
              (2, 3, 9, 8)),
         ]
 

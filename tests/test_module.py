@@ -54,8 +54,8 @@ def test_relu_is_applied_by_the_layer_before_or_over_a_fresh_output_only(rng):
     """A ReLU right after Conv2d or Linear is applied by that layer (``forward_relu``, the
     ReLU adopts the output); one after a pooling layer (a fresh output nobody keeps) writes
     over its input; one after the caller's input, another ReLU or Tanh (whose backward reads
-    its output) computes into new memory. In backward, Conv2d runs the ReLU right before it.
-    The results are PyTorch's."""
+    its output) computes into new memory. In backward, Conv2d and MaxPool2d run the ReLU
+    right before them, which keeps nothing. The results are PyTorch's."""
     calls: list[tuple[str, int]] = []
 
     class SpyReLU(ReLU):
@@ -75,6 +75,10 @@ def test_relu_is_applied_by_the_layer_before_or_over_a_fresh_output_only(rng):
             calls.append(("adopt", self.index))
             return super().adopt(y)
 
+        def release(self):
+            calls.append(("release", self.index))
+            super().release()
+
         def backward(self, grad_out, input_grad=True):
             calls.append(("backward", self.index))
             return super().backward(grad_out, input_grad)
@@ -85,15 +89,16 @@ def test_relu_is_applied_by_the_layer_before_or_over_a_fresh_output_only(rng):
     x = rng.normal(size=(3, 2, 4, 4))
     x_before = x.copy()
     y = model.forward(x)
-    assert calls == [("forward", 0), ("adopt", 2), ("forward", 3), ("owned", 5), ("forward", 7), ("adopt", 10)]
+    assert calls == [("forward", 0), ("release", 0), ("adopt", 2), ("forward", 3), ("release", 3), ("owned", 5),
+                     ("forward", 7), ("adopt", 10)]
     np.testing.assert_array_equal(x, x_before)
     g = rng.normal(size=y.shape)
     hooked: list[int] = []
     model.register_backward_hook(lambda index, layer: hooked.append(index))
     calls.clear()
     gx = model.backward(g.copy())
-    # The ReLU before Conv2d runs inside the convolution's backward; the hooks still see it.
-    assert calls == [("backward", i) for i in (10, 7, 5, 3, 2)]
+    # The ReLUs before Conv2d and MaxPool2d run inside their backward; the hooks still see them.
+    assert calls == [("backward", i) for i in (10, 7, 5, 2)]
     assert hooked == list(range(len(model) - 1, -1, -1))
 
     theirs = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Conv2d(2, 3, 3, padding=1).double(), torch.nn.ReLU(),

@@ -6,6 +6,7 @@ import pytest
 import torch
 from layer_checks import assert_matches_torch, layer_gradcheck
 
+from dtrain.backend import to_host
 from dtrain.nn.pool import AvgPool2d, MaxPool2d
 
 # (input shape, kernel, stride, padding)
@@ -39,6 +40,35 @@ def test_max_pool_ties_go_to_the_first_max_like_torch(xp, rng, case):
     shape, k, s, p = case
     x = rng.integers(-2, 3, size=shape).astype(np.float64)
     assert_matches_torch(MaxPool2d(k, s, p), torch.nn.MaxPool2d(k, s, p), x, xp, rng)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_max_pool_after_relu_runs_relus_backward_bit_for_bit(xp, rng, dtype, case):
+    """forward_after_relu + backward_through_relu give the bits of the pool's backward followed
+    by ReLU's (zero where ReLU's output is <= 0): ties of zeros, all-zero windows and a NaN."""
+    shape, k, s, p = case
+    relu_out = np.maximum(rng.integers(-2, 3, size=shape).astype(dtype), 0)  # many ties and zeros
+    relu_out.reshape(-1)[1] = np.nan
+    x = xp.asarray(relu_out)
+    plain, fused = MaxPool2d(k, s, p), MaxPool2d(k, s, p)
+    y_plain, y_fused = plain.forward(x), fused.forward_after_relu(x)
+    np.testing.assert_array_equal(to_host(y_fused), to_host(y_plain))
+    g = xp.asarray(rng.normal(size=y_plain.shape).astype(dtype))
+    expected = to_host(plain.backward(g.copy()))
+    expected[~(relu_out > 0) & ~np.isnan(relu_out)] = 0  # ReLU's backward from its output
+    np.testing.assert_array_equal(to_host(fused.backward_through_relu(g.copy())), expected)
+
+
+def test_max_pool_backward_must_match_how_forward_ran(rng):
+    x = np.maximum(rng.normal(size=(1, 1, 4, 4)), 0)
+    pool = MaxPool2d(2)
+    pool.forward_after_relu(x)
+    with pytest.raises(RuntimeError, match="backward_through_relu"):
+        pool.backward(np.ones((1, 1, 2, 2)))
+    pool.forward(x)
+    with pytest.raises(RuntimeError, match="needs forward_after_relu first"):
+        pool.backward_through_relu(np.ones((1, 1, 2, 2)))
 
 
 def test_max_pool_routes_each_gradient_to_one_element():

@@ -26,14 +26,21 @@ class ReLU(_Elementwise):
     Backward reads the output, not a mask (as PyTorch's does): it zeroes ``grad_out`` in
     place where the output is not positive and returns it (the layer contract lets it).
     Given an input it owns (``forward_owned``) it writes the output over it: one pass over
-    memory the layer before has just written, and no new activation; after Conv2d or
-    Linear, :class:`Sequential` has them apply it instead (``adopt``), and no pass is left.
+    memory the layer before has just written, and no new activation. In a
+    :class:`dtrain.nn.Sequential`, Conv2d or Linear right before it apply it as they write
+    their output (``adopt``), and Conv2d or MaxPool2d right after it run its backward
+    (``release``): then no pass of its own is left.
     """
 
     is_relu = True
 
     def forward(self, x: Array) -> Array:
         return self._relu(x, get_array_module(x).empty_like(x))  # x's memory layout
+
+    def release(self) -> None:
+        """Drop the output kept for backward: the layer after runs this ReLU's backward
+        (its ``backward_through_relu``; see :class:`dtrain.nn.Sequential`)."""
+        self._cache = None
 
     def adopt(self, y: Array) -> Array:
         """Be the ReLU of the layer before, which applied it itself (its ``forward_relu``):

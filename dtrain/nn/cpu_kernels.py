@@ -153,7 +153,7 @@ def _col2im_add(cols, kh, kw, sh, sw, ph, pw, out_w, first, fresh, gate, gated, 
 
 
 @njit(nogil=True, cache=True)
-def _max_pool_forward(x, kh, kw, sh, sw, ph, pw, y, arg, c0, c1):  # pragma: no cover (compiled)
+def _max_pool_forward(x, kh, kw, sh, sw, ph, pw, gated, y, arg, c0, c1):  # pragma: no cover (compiled)
     _, height, width, batch = x.shape
     _, out_h, out_w, _ = y.shape
     for c in range(c0, c1):
@@ -182,6 +182,9 @@ def _max_pool_forward(x, kh, kw, sh, sw, ph, pw, y, arg, c0, c1):  # pragma: no 
                                 better = values[n] > best[n]  # strict: the first maximum keeps the win
                                 best[n] = values[n] if better else best[n]
                                 at[n] = k if better else at[n]
+                if gated:  # no winner (offset kh*kw) where the maximum is <= 0: no gradient passes
+                    for n in range(batch):
+                        at[n] = kh * kw if best[n] <= 0 else at[n]
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -678,11 +681,16 @@ def col2im_add(cols: Array, img: Array, kernel: Pair, stride: Pair, padding: Pai
     return img
 
 
-def max_pool_forward(x: Array, kernel: Pair, stride: Pair, padding: Pair, out_hw: Pair, argmax: Array) -> Array:
-    """(C, H, W, N) -> new (C, OH, OW, N) window maxima; ``argmax`` (C, OH, OW, N) gets each winner's offset."""
+def max_pool_forward(x: Array, kernel: Pair, stride: Pair, padding: Pair, out_hw: Pair, argmax: Array,
+                     gated: bool = False) -> Array:
+    """(C, H, W, N) -> new (C, OH, OW, N) window maxima; ``argmax`` (C, OH, OW, N) gets each winner's offset.
+
+    ``gated`` (the input is a ReLU's output, whose backward the pooling runs): a window
+    whose maximum is <= 0 gets offset kh*kw, no winner, so backward passes it no gradient,
+    as ReLU's backward would have zeroed it at the winner."""
     source = _computable(x)
     y = np.empty(argmax.shape, dtype=source.dtype)
-    _per_channel_blocks(_max_pool_forward, (source, *kernel, *stride, *padding, y, argmax), y,
+    _per_channel_blocks(_max_pool_forward, (source, *kernel, *stride, *padding, gated, y, argmax), y,
                         source[0].nbytes + y[0].nbytes + argmax[0].nbytes)
     return y.astype(x.dtype, copy=False)
 

@@ -122,7 +122,9 @@ KERNELS: dict[str, tuple[str, str, str]] = {
     """),
     # The first maximum in offset order wins (strict >), like the CPU kernels and PyTorch;
     # padding never wins (it is -inf there).
-    "max_pool_forward": (f"raw T x, {_GEOMETRY}", "T y, U arg", _OUTPUT_INDEX + """
+    # GATED: the input is a ReLU's output; a window whose maximum is <= 0 gets no winner
+    # (offset KH*KW), so backward passes it no gradient.
+    "max_pool_forward": (f"raw T x, {_GEOMETRY}, int64 GATED", "T y, U arg", _OUTPUT_INDEX + """
         bool found = false;
         A best = (A)0;
         U at = 0;
@@ -141,7 +143,7 @@ KERNELS: dict[str, tuple[str, str, str]] = {
             }
         }
         y = (T)best;
-        arg = at;
+        arg = (GATED && best <= (A)0) ? (U)(KH * KW) : at;
     """),
     "max_pool_backward": (f"raw T gy, raw U arg, {_GEOMETRY}", "T gx", _INPUT_INDEX + """
         A acc = (A)0;
@@ -224,13 +226,15 @@ def col2im_add(cols: Array, img: Array, kernel: Pair, stride: Pair, padding: Pai
     return img
 
 
-def max_pool_forward(x: Array, kernel: Pair, stride: Pair, padding: Pair, out_hw: Pair, argmax: Array) -> Array:
-    """(C, H, W, N) -> new (C, OH, OW, N) window maxima; ``argmax`` (C, OH, OW, N) gets each winner's offset."""
+def max_pool_forward(x: Array, kernel: Pair, stride: Pair, padding: Pair, out_hw: Pair, argmax: Array,
+                     gated: bool = False) -> Array:
+    """(C, H, W, N) -> new (C, OH, OW, N) window maxima; ``argmax`` (C, OH, OW, N) gets each
+    winner's offset; ``gated`` as in :func:`dtrain.nn.cpu_kernels.max_pool_forward`."""
     import cupy
 
     y = cupy.empty(argmax.shape, dtype=x.dtype)
     geometry = _geometry(x.shape, kernel, stride, padding, out_hw)
-    _kernels()["max_pool_forward"](_flat(x), *geometry, y, argmax)
+    _kernels()["max_pool_forward"](_flat(x), *geometry, int(gated), y, argmax)
     return y
 
 

@@ -41,7 +41,8 @@ class Module:
     # written; Sequential uses it for a ReLU (``is_relu``) that follows the layer.
     fuses_relu_after: bool = False
     # True when the layer has ``backward_through_relu``: its backward followed by that of a
-    # ReLU right before it, applied as the input gradient is written.
+    # ReLU right before it, applied as the input gradient is written (the ReLU then keeps
+    # nothing for backward; the layer's ``forward_after_relu`` notes what it needs).
     fuses_relu_before: bool = False
     is_relu: bool = False
 
@@ -64,6 +65,12 @@ class Module:
     def forward_relu(self, x: Array) -> Array:
         """``forward`` followed by ReLU, in the pass that writes the output (``fuses_relu_after``)."""
         raise TypeError(f"{type(self).__name__} cannot apply ReLU in its forward (fuses_relu_after is False)")
+
+    def forward_after_relu(self, x: Array) -> Array:
+        """``forward`` of a ReLU's output, for a layer that ``fuses_relu_before``: it keeps
+        what ``backward_through_relu`` needs. The default is ``forward`` (Conv2d keeps its
+        input, which is all it needs; so its ``forward_relu`` serves after a ReLU too)."""
+        return self.forward(x)
 
     def backward_through_relu(self, grad_out: Array) -> Array:
         """``backward``, then the backward of the ReLU whose output was this layer's input,
@@ -240,21 +247,32 @@ class Sequential(Module):
         self._backward_hooks.append(hook)
 
     def forward(self, x: Array) -> Array:
-        """The layers in order. A ReLU right after a layer that ``fuses_relu_after`` (Conv2d,
-        Linear) is applied by that layer as it writes its output (``forward_relu``); the ReLU
-        only keeps the result for backward (``adopt``). Otherwise a layer whose input is the
-        previous layer's fresh output (``fresh_output``) gets it through ``forward_owned``, so
-        that an activation can work in place. The caller's ``x`` is never written."""
+        """The layers in order, with ReLUs fused into the layers around them.
+
+        A ReLU right after a layer that ``fuses_relu_after`` (Conv2d, Linear) is applied by
+        that layer as it writes its output (``forward_relu``); the ReLU only keeps the result
+        for backward (``adopt``). A ReLU right before a layer that ``fuses_relu_before``
+        (Conv2d, MaxPool2d) keeps nothing (``release``): that layer runs its backward
+        (``backward_through_relu``) and is called with ``forward_after_relu``. Otherwise a
+        layer whose input is the previous layer's fresh output (``fresh_output``) gets it
+        through ``forward_owned``, so that an activation can work in place. The caller's
+        ``x`` is never written.
+        """
         owned, i = False, 0
         while i < len(self.layers):
             layer = self.layers[i]
             following = self.layers[i + 1] if i + 1 < len(self.layers) else None
             if layer.fuses_relu_after and following is not None and following.is_relu:
                 x = following.adopt(layer.forward_relu(x))
-                owned, i = following.fresh_output, i + 2
-                continue
-            x = layer.forward_owned(x) if owned else layer.forward(x)
-            owned, i = layer.fresh_output, i + 1
+                relu, owned, i = following, following.fresh_output, i + 2
+            else:
+                if i > 0 and self.layers[i - 1].is_relu and layer.fuses_relu_before:
+                    x = layer.forward_after_relu(x)
+                else:
+                    x = layer.forward_owned(x) if owned else layer.forward(x)
+                relu, owned, i = (layer if layer.is_relu else None), layer.fresh_output, i + 1
+            if relu is not None and i < len(self.layers) and self.layers[i].fuses_relu_before:
+                relu.release()  # the next layer runs this ReLU's backward
         return x
 
     def backward(self, grad_out: Array, input_grad: bool = True) -> Array | None:

@@ -85,25 +85,56 @@ class MaxPool2d(_Pool2d):
     """Maximum over each window of (N, C, H, W) -> (N, C, OH, OW); padding never wins.
 
     Backward routes each output's gradient to exactly one input: the first maximum of
-    its window in row-major scan order (PyTorch's choice on ties).
+    its window in row-major scan order (PyTorch's choice on ties). After a ReLU
+    (``forward_after_relu``, as :class:`dtrain.nn.Sequential` calls it) a window whose
+    maximum is <= 0 routes its gradient nowhere: that is ReLU's backward at the winner, so
+    ``backward_through_relu`` runs both and the ReLU need not keep its output.
     """
+
+    fuses_relu_before = True
+
+    def __init__(self, kernel_size: int | tuple[int, int], stride: int | tuple[int, int] | None = None,
+                 padding: int | tuple[int, int] = 0) -> None:
+        super().__init__(kernel_size, stride, padding)
+        self._gated = False  # whether the last forward ran after a ReLU
 
     def _argmax(self, shape: Shape, xp: Any) -> Array:
         """Workspace buffer of the (C, OH, OW, N) offset index of each window's maximum, as forward left it.
 
-        Its dtype is the smallest integer type that holds kh*kw - 1.
+        Its dtype is the smallest integer type that holds kh*kw (kh*kw itself: no winner).
         """
-        dtype = np.min_scalar_type(self.kernel_size[0] * self.kernel_size[1] - 1)
+        dtype = np.min_scalar_type(self.kernel_size[0] * self.kernel_size[1])
         return self._workspace.get("argmax", shape, dtype, xp)
 
     def forward(self, x: Array) -> Array:
         """(N, C, H, W) -> (N, C, OH, OW); remembers which kernel offset won each window."""
+        return self._forward(x, gated=False)
+
+    def forward_after_relu(self, x: Array) -> Array:
+        """``forward`` of a ReLU's output ``x``, noting for ``backward_through_relu`` the
+        windows whose maximum is <= 0."""
+        return self._forward(x, gated=True)
+
+    def _forward(self, x: Array, gated: bool) -> Array:
         source, out_hw = self._start_forward(x)
         argmax = self._argmax((source.shape[0], *out_hw, source.shape[3]), get_array_module(source))
-        return as_nchw(kernels_for(source).max_pool_forward(source, *self._geometry(), out_hw, argmax))
+        self._gated = gated
+        return as_nchw(kernels_for(source).max_pool_forward(source, *self._geometry(), out_hw, argmax, gated))
 
     def backward(self, grad_out: Array, input_grad: bool = True) -> Array:
         """(N, C, OH, OW) -> (N, C, H, W): each output's gradient goes to its window's argmax."""
+        if self._gated:
+            raise RuntimeError(f"{self!r}: forward_after_relu was run; its backward is backward_through_relu")
+        return self._backward(grad_out)
+
+    def backward_through_relu(self, grad_out: Array) -> Array:
+        """``backward`` followed by that of the ReLU whose output the input was (after
+        ``forward_after_relu``): windows whose maximum was <= 0 pass no gradient."""
+        if not self._gated:
+            raise RuntimeError(f"{self!r}: backward_through_relu needs forward_after_relu first")
+        return self._backward(grad_out)
+
+    def _backward(self, grad_out: Array) -> Array:
         input_chwn, grad = self._start_backward(grad_out)
         argmax = self._argmax(grad.shape, get_array_module(grad))
         return as_nchw(kernels_for(grad).max_pool_backward(grad, argmax, input_chwn, *self._geometry()))

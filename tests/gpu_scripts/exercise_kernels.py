@@ -7,7 +7,7 @@ from __future__ import annotations
 import cupy
 import numpy as np
 
-from dtrain.nn import AvgPool2d, Conv2d, MaxPool2d, ReLU
+from dtrain.nn import AvgPool2d, Conv2d, MaxPool2d, ReLU, Sequential
 
 rng = np.random.default_rng(0)
 for dtype in (np.float16, np.float32, np.float64):
@@ -16,4 +16,8 @@ for dtype in (np.float16, np.float32, np.float64):
         layer.to(cupy, dtype)
         y = layer.forward(x)
         layer.backward(cupy.ones(y.shape, dtype=dtype))
+    # The ReLU fusions: gated col2im and max-pool kernels
+    model = Sequential(ReLU(), Conv2d(2, 4, 3, padding=1, dtype=np.float32), ReLU(), MaxPool2d(2)).to(cupy, dtype)
+    y = model.forward(x)
+    model.backward(cupy.ones(y.shape, dtype=dtype))
 print("OK")
