@@ -34,7 +34,7 @@ Pair = tuple[int, int]
 # Bytes of one block of im2col columns (:mod:`dtrain.nn.conv` multiplies block by block):
 # small enough to stay in the last-level cache between im2col and its GEMM, large enough
 # for the GEMM to run at full speed.
-COLUMN_BLOCK_BYTES = 16 << 20
+COLUMN_BLOCK_BYTES = 32 << 20
 
 
 @njit(nogil=True, cache=True, inline="always")

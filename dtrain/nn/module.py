@@ -281,8 +281,9 @@ class Sequential(Module):
         ``input_grad=False`` (training: nobody needs d loss / d input) stops at the first
         layer with parameters, which is told not to compute its input gradient; the layers
         before it have nothing to contribute and are skipped. Returns None then. A ReLU
-        right before a layer that ``fuses_relu_before`` (Conv2d) is run by that layer as it
-        writes its input gradient (``backward_through_relu``); the hooks still see both.
+        right before a layer that ``fuses_relu_before`` (Conv2d, MaxPool2d) is run by that
+        layer as it writes its input gradient (``backward_through_relu``); the hooks still
+        see both.
         """
         first = 0 if input_grad else next((i for i, layer in enumerate(self.layers) if layer.params), len(self.layers))
         g = grad_out
