@@ -8,14 +8,14 @@ from layer_checks import rel_err
 
 from dtrain.backend import to_host
 from dtrain.nn.activation import ReLU, Tanh
-from dtrain.nn.conv import Conv2d
-from dtrain.nn.flatten import Flatten
-from dtrain.nn.pool import MaxPool2d
 from dtrain.nn.batchnorm import BatchNorm1d
+from dtrain.nn.conv import Conv2d
 from dtrain.nn.dropout import Dropout
 from dtrain.nn.flat import FlatParameters
+from dtrain.nn.flatten import Flatten
 from dtrain.nn.linear import Linear
 from dtrain.nn.module import Module, Sequential, StateDictMismatchError
+from dtrain.nn.pool import MaxPool2d
 
 
 class Recorder(Module):

@@ -80,7 +80,7 @@ def _relu(target):  # pragma: no cover (compiled)
     # NumPy's maximum(v, 0) bit for bit: NaN and -0.0 stay as they are.
     for i in range(target.shape[0]):
         v = target[i]
-        target[i] = v if v >= 0 or v != v else 0
+        target[i] = v if v >= 0 or np.isnan(v) else 0
 
 
 @njit(nogil=True, cache=True)
