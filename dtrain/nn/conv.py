@@ -39,6 +39,11 @@ class Conv2d(Module):
     A wide stride-1 layer with a square kernel (AlexNet's conv2 to conv5) runs as Winograd's
     F(m x m, r x r) on the CPU instead (:mod:`dtrain.nn.winograd`; ``winograd_tile`` of the
     kernel set decides, and picks m).
+
+    In a :class:`dtrain.nn.Sequential` the layer also runs the ReLUs around it: the one after
+    it as it writes its output (``forward_relu``), the one before it as it writes its input
+    gradient (``backward_through_relu``: col2im or the Winograd transform zero the gradient
+    where the input, that ReLU's output, is <= 0).
     """
 
     fresh_output = True  # forward returns new memory and keeps none of it
