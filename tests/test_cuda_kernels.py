@@ -198,6 +198,29 @@ def test_avg_pool_bodies_match_the_cpu_path(c_kernels, rng, dtype, shape, kernel
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("biased", [True, False])
+@pytest.mark.parametrize("relu", [True, False])
+def test_bias_relu_body_and_cpu_kernel_are_numpys_add_and_maximum(c_kernels, rng, dtype, biased, relu):
+    """A convolution's output pass: NumPy's ``y += bias[:, None]`` then ``maximum(y, 0)``, to
+    the bit in both kernels (NaN, zeros and -inf included; float16 rounded once, as NumPy;
+    the sign of a zero is not compared: NumPy's own loops differ on it)."""
+    y = _data(rng, (6, 35), dtype)
+    y.reshape(-1)[:4] = [np.nan, -0.0, -np.inf, 0.0]
+    bias = _data(rng, 6, dtype)
+    bias[1] = -0.0
+    expected = y.copy()
+    if biased:
+        expected += bias[:, None]
+    if relu:
+        np.maximum(expected, 0, out=expected)
+    got = cpu_kernels.bias_relu(y.copy(), bias if biased else None, relu)
+    np.testing.assert_array_equal(got, expected)
+    on_host = y.copy()
+    c_kernels(dtype, "bias_relu", [bias if biased else on_host], (y.shape[1], int(biased), int(relu)), [on_host])
+    np.testing.assert_array_equal(on_host, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_relu_backward_body_matches_the_cpu_kernel(c_kernels, rng, dtype):
     """PyTorch's rule in both: the gradient passes where the output is > 0 or NaN, is zeroed
     where it is 0, -0 or negative; the same bits on both sides."""

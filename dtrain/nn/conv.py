@@ -9,7 +9,6 @@ import numpy as np
 from dtrain.backend import DEFAULT_DTYPE, get_array_module
 from dtrain.checks import check_int
 from dtrain.nn import winograd
-from dtrain.nn.blocks import for_blocks
 from dtrain.nn.checks import check_dim, check_dtype, check_rank, pair
 from dtrain.nn.gemm import matmul
 from dtrain.nn.im2col import pixel_blocks, sliding_output_hw
@@ -131,18 +130,8 @@ class Conv2d(Module):
             matmul(weight, cols, out=y[:, first * n:first * n + cols.shape[1]])
         # One block (it starts at pixel 0 and holds them all): its columns stay for backward.
         self._kept_cols = cols if first == 0 and cols.shape[1] == y.shape[1] else None
-        if not (self.has_bias or relu):
-            return
-        xp = get_array_module(y)
-        bias = self.params["bias"].reshape(-1, 1) if self.has_bias else None
-
-        def finish(start: int, stop: int) -> None:  # a few filters' rows, in cache for both operations
-            if bias is not None:
-                y[start:stop] += bias[start:stop]
-            if relu:
-                xp.maximum(y[start:stop], 0, out=y[start:stop])
-
-        for_blocks(finish, y.shape[0], y[0].nbytes, y)
+        if self.has_bias or relu:
+            kernels_for(y).bias_relu(y, self.params.get("bias"), relu)
 
     def backward(self, grad_out: Array, input_grad: bool = True) -> Array | None:
         """(N, F, OH, OW) -> (N, C, H, W); writes the weight and bias gradients in place.

@@ -77,16 +77,28 @@ def _axpy(target, coef, source):  # pragma: no cover (compiled)
 
 @njit(nogil=True, cache=True, inline="always")
 def _relu(target):  # pragma: no cover (compiled)
-    # NumPy's maximum(v, 0) bit for bit: NaN and -0.0 stay as they are.
+    # NumPy's maximum(v, 0): NaN stays NaN (and -0.0 becomes 0, as NumPy's vector loops give).
     for i in range(target.shape[0]):
         v = target[i]
-        target[i] = v if v >= 0 or np.isnan(v) else 0
+        target[i] = 0 if v <= 0 else v
 
 
 @njit(nogil=True, cache=True)
 def _relu_backward(grad, y):  # pragma: no cover (compiled)
     for i in range(grad.shape[0]):
         grad[i] = 0 if y[i] <= 0 else grad[i]  # a select, which the compiler vectorizes
+
+
+@njit(nogil=True, cache=True)
+def _bias_relu(y, bias, biased, relu, f0, f1):  # pragma: no cover (compiled)
+    for f in range(f0, f1):
+        row = y[f]
+        if biased:
+            shift = bias[f]
+            for i in range(row.shape[0]):
+                row[i] += shift
+        if relu:
+            _relu(row)
 
 
 @njit(nogil=True, cache=True)
@@ -540,7 +552,7 @@ def conv_direct_forward(x: Array, weight: Array, bias: Array | None, stride: Pai
     """Fill ``y`` (F, OH, OW, N) with the cross-correlation of the batch-last input ``x``
     (C, H, W, N) with ``weight`` (F, C, kh, kw), plus ``bias`` (F,) when given; C-contiguous
     arrays. Each output sums its taps in im2col row order, starting from the bias; with
-    ``relu``, then takes ``maximum(., 0)`` as NumPy does."""
+    ``relu``, then takes ``maximum(., 0)`` (NaN stays NaN)."""
     source = _computable(x)
     taps = weight.astype(source.dtype, copy=False)
     shift = bias.astype(source.dtype, copy=False) if bias is not None else np.zeros(weight.shape[0], source.dtype)
@@ -627,7 +639,7 @@ def winograd_output(mm: Array, at: Array, bias: Array, m: int, tiles_w: int, fir
                     relu: bool = False) -> Array:
     """Write ``A^T M A + bias`` of each transformed product M in ``mm`` (alpha^2, F, T*N) to
     output tiles ``first .. first+T-1`` (m x m, cut at the edge) of ``y`` (F, OH, OW, N);
-    with ``relu``, its ``maximum(., 0)`` as NumPy takes it."""
+    with ``relu``, its ``maximum(., 0)`` (NaN stays NaN)."""
     _per_channel_blocks(_winograd_output, (mm, at, bias, m, tiles_w, first, relu, y), y, mm[:, 0].nbytes * 2)
     return y
 
@@ -648,6 +660,18 @@ def winograd_input_grad_add(dv: Array, bt: Array, m: int, padding: Pair, tiles_w
     args = (dv, bt, m, *padding, tiles_w, first, fresh, gx if gate is None else gate, gate is not None, gx)
     _per_channel_blocks(_winograd_input_grad_add, args, gx, dv[:, 0].nbytes * 2)
     return gx
+
+
+def bias_relu(y: Array, bias: Array | None, relu: bool) -> Array:
+    """In place on ``y`` (F, P), C-contiguous: add ``bias[f]`` (F,) to row f when given, then
+    with ``relu`` take ``maximum(., 0)`` (NaN stays NaN), as NumPy's ``y += bias[:, None]``
+    and ``maximum`` do, in one pass over each block of rows."""
+    target = _computable(y)
+    shift = np.empty(0, target.dtype) if bias is None else bias.astype(target.dtype, copy=False)
+    _per_channel_blocks(_bias_relu, (target, shift, bias is not None, relu), target, target[0].nbytes)
+    if target is not y:
+        y[...] = target
+    return y
 
 
 def im2col(x: Array, kernel: Pair, stride: Pair, padding: Pair, out_hw: Pair, cols: Array, first: int = 0) -> Array:

@@ -175,6 +175,12 @@ KERNELS: dict[str, tuple[str, str, str]] = {
     """) + """
         gx = (T)acc;
     """),
+    # A convolution's output y (F, P) in place: y + bias[f] when BIASED, then with RELU
+    # maximum(., 0) as the CPU kernels take it (NaN stays NaN, -0.0 becomes 0).
+    "bias_relu": ("raw T bias, int64 P, int64 BIASED, int64 RELU", "T y", """
+        const T v = BIASED ? (T)(y + bias[i / P]) : y;
+        y = (RELU && v <= (T)0) ? (T)0 : v;
+    """),
     # ReLU's backward from its output y, in place: PyTorch's rule (a NaN output passes the
     # gradient on). Plain (not raw) arrays: any memory layout, as long as the two match.
     "relu_backward": ("T y", "T grad", "if (y <= (T)0) grad = (T)0;"),
@@ -267,6 +273,14 @@ def avg_pool_backward(grad: Array, input_chwn: tuple[int, ...], kernel: Pair, st
     geometry = _geometry(input_chwn, kernel, stride, padding, grad.shape[1:3])
     _kernels()["avg_pool_backward"](_flat(grad), *geometry, gx)
     return gx
+
+
+def bias_relu(y: Array, bias: Array | None, relu: bool) -> Array:
+    """In place on ``y`` (F, P), C-contiguous: add ``bias[f]`` (F,) to row f when given, then
+    with ``relu`` take ``maximum(., 0)``."""
+    flat = _flat(y)
+    _kernels()["bias_relu"](flat if bias is None else bias, y.shape[1], int(bias is not None), int(relu), flat)
+    return y
 
 
 def relu_backward(grad: Array, y: Array) -> Array:
