@@ -80,7 +80,7 @@ def _relu(target):  # pragma: no cover (compiled)
     # NumPy's maximum(v, 0): NaN stays NaN (and -0.0 becomes 0, as NumPy's vector loops give).
     for i in range(target.shape[0]):
         v = target[i]
-        target[i] = 0 if v <= 0 else v
+        target[i] = 0 if v <= 0 else v  # noqa: FURB136 (max(0, v) would turn NaN into 0)
 
 
 @njit(nogil=True, cache=True)
