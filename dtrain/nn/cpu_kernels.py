@@ -1,4 +1,5 @@
-"""CPU kernels (Numba) for im2col, col2im, pooling and ReLU's backward: the API and arithmetic of :mod:`dtrain.nn.cuda_kernels`;
+"""CPU kernels (Numba) for im2col, col2im, pooling, a convolution's output pass and ReLU's backward: the API and
+arithmetic of :mod:`dtrain.nn.cuda_kernels`;
 and, CPU only, direct convolutions and Winograd's tile transforms (:mod:`dtrain.nn.winograd`).
 
 Built from NumPy operations, these passes need several array operations per kernel
@@ -76,6 +77,12 @@ def _axpy(target, coef, source):  # pragma: no cover (compiled)
 
 
 @njit(nogil=True, cache=True, inline="always")
+def _channel_plane(flat, c, plane):  # pragma: no cover (compiled)
+    """Channel c's (H, W, N) values of a flat C-contiguous (C, H, W, N) array."""
+    return flat[c * plane:(c + 1) * plane]
+
+
+@njit(nogil=True, cache=True, inline="always")
 def _relu(target):  # pragma: no cover (compiled)
     # NumPy's maximum(v, 0): NaN stays NaN (and -0.0 becomes 0, as NumPy's vector loops give).
     for i in range(target.shape[0]):
@@ -140,7 +147,7 @@ def _col2im_add(cols, kh, kw, sh, sw, ph, pw, out_w, first, fresh, gate, gated, 
     last = first + cols.shape[1] // batch
     for c in range(c0, c1):
         if fresh:  # the channel's plane, zeroed in cache right before the adds
-            _zero(flat[c * plane:(c + 1) * plane])
+            _zero(_channel_plane(flat, c, plane))
         for ki in range(kh):  # offsets in increasing order: each input sums them in that order
             for kj in range(kw):
                 row = cols[(c * kh + ki) * kw + kj]
@@ -161,7 +168,7 @@ def _col2im_add(cols, kh, kw, sh, sw, ph, pw, out_w, first, fresh, gate, gated, 
                                 _add(flat[dst:dst + batch], row[src:src + batch])
                     p += ow1 - ow0
         if gated:
-            _relu_backward(flat[c * plane:(c + 1) * plane], gate.reshape(-1)[c * plane:(c + 1) * plane])
+            _relu_backward(_channel_plane(flat, c, plane), _channel_plane(gate.reshape(-1), c, plane))
 
 
 @njit(nogil=True, cache=True)
@@ -483,7 +490,7 @@ def _winograd_input_grad_add(dv, bt, m, ph, pw, tiles_w, first, fresh, gate, gat
     cols = np.empty((alpha, alpha, batch), dtype=gx.dtype)  # B dV over a: (i, b, n)
     for c in range(c0, c1):
         if fresh:  # the channel's plane, zeroed in cache right before the adds
-            _zero(flat[c * plane:(c + 1) * plane])
+            _zero(_channel_plane(flat, c, plane))
         for t in range(dv.shape[2] // batch):
             ty, tx = divmod(first + t, tiles_w)
             cols[:] = 0
@@ -508,7 +515,7 @@ def _winograd_input_grad_add(dv, bt, m, ph, pw, tiles_w, first, fresh, gate, gat
                         if coef != 0:
                             _axpy(out, coef, cols[i, b])
         if gated:
-            _relu_backward(flat[c * plane:(c + 1) * plane], gate.reshape(-1)[c * plane:(c + 1) * plane])
+            _relu_backward(_channel_plane(flat, c, plane), _channel_plane(gate.reshape(-1), c, plane))
 
 
 def _computable(a: Array) -> Array:

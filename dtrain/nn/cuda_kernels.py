@@ -1,4 +1,4 @@
-"""CUDA kernels (CuPy ``ElementwiseKernel``) for im2col, col2im, pooling and ReLU's backward on the GPU.
+"""CUDA kernels (CuPy ``ElementwiseKernel``) for im2col, col2im, pooling, a convolution's output pass and ReLU's backward on the GPU.
 
 On the CPU, im2col and col2im are kh*kw strided array copies (:mod:`dtrain.nn.im2col`);
 on a GPU each of those would be a kernel launch over the whole array. Here every pass is
