@@ -50,6 +50,22 @@ def test_for_blocks_calls_every_item_exactly_once(total, bytes_per_item, threads
     assert all(0 < stop - start <= per_block for start, stop in calls)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_merged_blocks_are_one_call_per_thread(threads, monkeypatch):
+    """``merge``: each thread's run of blocks is one call, the runs covering the range once."""
+    monkeypatch.setattr(blocks, "BLOCK_BYTES", 8)
+    calls = []
+    lock = threading.Lock()
+
+    def fn(start, stop):
+        with lock:
+            calls.append((start, stop))
+
+    with threadpool_limits(limits=threads, user_api="blas"):
+        for_blocks(fn, 11, 8, np.zeros(1), merge=True)
+    assert sorted(calls) == ([(0, 11)] if threads == 1 else [(0, 5), (5, 11)])
+
+
 def test_for_blocks_uses_the_thread_budget(monkeypatch):
     monkeypatch.setattr(blocks, "BLOCK_BYTES", 8)
     names = set()

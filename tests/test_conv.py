@@ -306,6 +306,51 @@ def test_direct_layers_make_no_gemm_but_for_the_input_gradient(rng, monkeypatch)
     np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-12)
 
 
+def sequential_direct_forward(x, weight, bias, stride, padding, relu):
+    """The direct kernel's arithmetic written out in NumPy: per output, the bias, then each
+    tap inside the image added in im2col row order (c, ki, kj), then ReLU."""
+    c, h, w, n = x.shape
+    f, _, kh, kw = weight.shape
+    (sh, sw), (ph, pw) = stride, padding
+    oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    y = np.empty((f, oh, ow, n), x.dtype)
+    for i in range(oh):
+        for j in range(ow):
+            acc = np.repeat(bias[:, None], n, axis=1)
+            for ch in range(c):
+                for ki in range(kh):
+                    for kj in range(kw):
+                        r, s = i * sh + ki - ph, j * sw + kj - pw
+                        if 0 <= r < h and 0 <= s < w:
+                            acc = acc + weight[:, ch, ki, kj][:, None] * x[ch, r, s][None, :]
+            y[:, i, j] = np.maximum(acc, 0) if relu else acc
+    return y
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("geometry", [
+    (1, 6, 6, 2, (1, 3), (1, 1), (0, 0)),  # 3 taps: fewer than one pass of four
+    (1, 6, 7, 2, (1, 5), (1, 1), (0, 0)),  # 5 taps: a pass of four, then one
+    (2, 5, 5, 3, 3, (1, 1), (1, 1)),  # 18 taps inside, 8 or 12 at the borders
+    (1, 4, 4, 2, 1, (1, 1), (1, 1)),  # 1x1 with padding: border windows hold no tap at all
+    (1, 8, 8, 3, 2, (2, 2), (0, 0)),  # simple_cnn's first layer: 2x2, stride 2
+])
+def test_direct_forward_adds_bias_then_taps_in_row_order(geometry, dtype, rng):
+    """Bitwise: the direct kernel sums exactly as written out above (any tap count, windows
+    partly or wholly in the padding), with and without the fused ReLU, NaN passing through."""
+    c, h, w, f, k, stride, padding = geometry
+    kh, kw = (k, k) if isinstance(k, int) else k
+    x = rng.normal(size=(c, h, w, 5)).astype(dtype)
+    x[0, 1, 1, 2] = np.nan
+    weight, bias = rng.normal(size=(f, c, kh, kw)).astype(dtype), rng.normal(size=f).astype(dtype)
+    for relu in (False, True):
+        expected = sequential_direct_forward(x, weight, bias, stride, padding, relu)
+        y = np.empty_like(expected)
+        cpu_kernels.conv_direct_forward(x, weight, bias, stride, padding, y, relu)
+        np.testing.assert_array_equal(y, expected)
+        assert np.isnan(y).any()
+
+
 def test_direct_kernels_run_where_the_gemm_is_memory_bound(monkeypatch):
     """The default threshold sends LeNet's and simple_cnn's first layers (on one image
     channel) to the direct kernels and keeps AlexNet's first and every deeper layer on im2col."""

@@ -54,14 +54,16 @@ def split_evenly(total: int, parts: int) -> list[tuple[int, int]]:
 
 
 def for_blocks(fn: Callable[[int, int], None], total: int, bytes_per_item: int, like: Any,
-               block_bytes: int | None = None) -> None:
+               block_bytes: int | None = None, merge: bool = False) -> None:
     """Call ``fn(start, stop)`` on consecutive ranges that cover ``0 .. total`` once.
 
     Each range spans about ``block_bytes`` (default :data:`BLOCK_BYTES`) / ``bytes_per_item``
     items (at least one); the ranges are shared out over the thread budget in contiguous
     runs, the calling thread taking the first, each other thread only for at least
     :data:`THREAD_MIN_BYTES` of the work (smaller work runs on the calling thread alone).
-    ``fn`` must only write what its range owns. ``like`` is an array of the operation: a
+    With ``merge``, each thread calls ``fn`` once, over its whole run: for a compiled kernel,
+    which needs no cache blocking and pays a fixed cost per call (Numba checks the types of
+    every argument). ``fn`` must only write what its range owns. ``like`` is an array of the operation: a
     GPU array means one call over everything. The first exception raised by any block is
     re-raised once all threads are done.
     """
@@ -76,6 +78,9 @@ def for_blocks(fn: Callable[[int, int], None], total: int, bytes_per_item: int, 
     runs = split_evenly(len(blocks), min(current_blas_threads(), len(blocks), worth))
 
     def run(first: int, last: int) -> None:
+        if merge:
+            fn(blocks[first][0], blocks[last - 1][1])
+            return
         for start, stop in blocks[first:last]:
             fn(start, stop)
 

@@ -281,32 +281,82 @@ def _avg_pool_backward(gy, kh, kw, sh, sw, ph, pw, share, gx, c0, c1):  # pragma
                             acc[n] += grad[n] * share
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _window_taps(weight, f, oh, ow, sh, sw, ph, pw, height, width, taps, rows):  # pragma: no cover (compiled)
+    """Filter f's taps whose input lies inside the image for output pixel (oh, ow), in im2col
+    row order (c, ki, kj): their weights into ``taps``, their inputs' row numbers in the
+    (C*H*W, N) view of the input into ``rows``; returns how many."""
+    channels, kh, kw = weight.shape[1], weight.shape[2], weight.shape[3]
+    count = 0
+    for c in range(channels):
+        for ki in range(kh):
+            h = oh * sh + ki - ph
+            if h < 0 or h >= height:
+                continue
+            for kj in range(kw):
+                w = ow * sw + kj - pw
+                if w < 0 or w >= width:
+                    continue
+                taps[count] = weight[f, c, ki, kj]
+                rows[count] = (c * height + h) * width + w
+                count += 1
+    return count
+
+
 @njit(nogil=True, cache=True)
 def _conv_direct_forward(x, weight, bias, sh, sw, ph, pw, relu, y, f0, f1):  # pragma: no cover (compiled)
     channels, height, width, batch = x.shape
     _, out_h, out_w, _ = y.shape
-    kh, kw = weight.shape[2], weight.shape[3]
+    # (pixel, sample) views indexed in place: a 1-D view sliced per tap costs more than the
+    # tap's arithmetic (each view takes a reference count).
+    source = x.reshape(-1, batch)
+    target = y.reshape(-1, batch)
+    taps = np.empty(weight[0].size, dtype=y.dtype)
+    rows = np.empty(weight[0].size, dtype=np.int64)
+    # Each pass clamps what it writes from below: at -inf (no change) but for the last pass
+    # with ReLU, at 0 (NumPy's maximum: NaN stays NaN).
+    floor = y.dtype.type(0) if relu else y.dtype.type(-np.inf)
+    unclamped = y.dtype.type(-np.inf)
     for f in range(f0, f1):
+        shift = bias[f]
         for oh in range(out_h):
             for ow in range(out_w):
-                acc = y[f, oh, ow]
-                for n in range(batch):
-                    acc[n] = bias[f]
-                for c in range(channels):  # (c, ki, kj) in the order of the im2col rows
-                    for ki in range(kh):
-                        h = oh * sh + ki - ph
-                        if h < 0 or h >= height:
-                            continue
-                        for kj in range(kw):
-                            w = ow * sw + kj - pw
-                            if w < 0 or w >= width:
-                                continue
-                            tap = weight[f, c, ki, kj]
-                            values = x[c, h, w]
+                count = _window_taps(weight, f, oh, ow, sh, sw, ph, pw, height, width, taps, rows)
+                out = (f * out_h + oh) * out_w + ow
+                if count == 0:
+                    for n in range(batch):
+                        target[out, n] = floor if shift <= floor else shift
+                # Up to four taps per pass over the samples, added one after another to the
+                # bias or the running sum: the order of a sum over all taps, one write per pass.
+                t = 0
+                while t < count:
+                    k = 4 if count - t >= 4 else 1
+                    low = floor if t + k == count else unclamped
+                    if k == 4:
+                        w0, w1, w2, w3 = taps[t], taps[t + 1], taps[t + 2], taps[t + 3]
+                        r0, r1, r2, r3 = rows[t], rows[t + 1], rows[t + 2], rows[t + 3]
+                        if t == 0:
                             for n in range(batch):
-                                acc[n] += tap * values[n]
-                if relu:
-                    _relu(acc)
+                                v = (((shift + w0 * source[r0, n]) + w1 * source[r1, n]) + w2 * source[r2, n]) \
+                                    + w3 * source[r3, n]
+                                target[out, n] = low if v <= low else v
+                        else:
+                            for n in range(batch):
+                                v = (((target[out, n] + w0 * source[r0, n]) + w1 * source[r1, n])
+                                     + w2 * source[r2, n]) + w3 * source[r3, n]
+                                target[out, n] = low if v <= low else v
+                        t += 4
+                    else:  # the last taps (fewer than four), one per pass
+                        w0, r0 = taps[t], rows[t]
+                        if t == 0:
+                            for n in range(batch):
+                                v = shift + w0 * source[r0, n]
+                                target[out, n] = low if v <= low else v
+                        else:
+                            for n in range(batch):
+                                v = target[out, n] + w0 * source[r0, n]
+                                target[out, n] = low if v <= low else v
+                        t += 1
 
 
 @njit(nogil=True, cache=True)
@@ -531,14 +581,15 @@ def _share(kernel: Pair, dtype: np.dtype) -> np.generic:
 
 
 # Bytes of work per block: a kernel call holds no chain of passes to keep in cache, so blocks
-# only need to be large enough that handing one to another thread pays for itself.
+# only set how evenly the channels are shared out over the threads.
 KERNEL_BLOCK_BYTES = 1 << 20
 
 
 def _per_channel_blocks(kernel, args: tuple, out: Array, bytes_per_channel: int) -> None:
-    """Run ``kernel(*args, c0, c1)`` over channel blocks of ``out`` on the thread budget."""
+    """Run ``kernel(*args, c0, c1)`` over ``out``'s channels on the thread budget, one call
+    per thread (a call costs microseconds of argument checks)."""
     for_blocks(lambda c0, c1: kernel(*args, c0, c1), out.shape[0], bytes_per_channel, out,
-               block_bytes=KERNEL_BLOCK_BYTES)
+               block_bytes=KERNEL_BLOCK_BYTES, merge=True)
 
 
 # Convolutions whose output values take at most this many multiply-adds each (out_channels
