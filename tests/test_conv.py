@@ -183,6 +183,31 @@ def test_col2im_fresh_ignores_the_image_and_a_gate_is_relus_backward(rng, dtype)
     assert (gated == 0).any() and gated[0, 0, 0, 0] == expected[0, 0, 0, 0] != 0
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+@pytest.mark.parametrize("kernel,stride,padding,hw", [
+    ((2, 2), (2, 2), (1, 1), (6, 6)),  # simple_cnn's conv2: the windows tile the padded input
+    ((2, 2), (2, 2), (0, 0), (5, 7)),  # the last row and column are in no window
+    ((1, 2), (2, 3), (0, 1), (5, 7)),  # gaps between the windows
+    ((3, 3), (3, 3), (1, 1), (7, 7)),
+])
+def test_col2im_of_windows_that_do_not_overlap_is_the_same_adjoint(rng, dtype, kernel, stride, padding, hw):
+    """Windows no larger than the stride, all columns at once, fresh: col2im writes each input
+    once (its own kernel) with the bits of adding into zeros (-0.0 becomes 0, NaN stays),
+    gated as ReLU's backward, and zeroes the inputs no window covers."""
+    oh = (hw[0] + 2 * padding[0] - kernel[0]) // stride[0] + 1
+    ow = (hw[1] + 2 * padding[1] - kernel[1]) // stride[1] + 1
+    cols = rng.normal(size=(2 * kernel[0] * kernel[1], oh * ow * 3)).astype(dtype)
+    cols.reshape(-1)[::5], cols.reshape(-1)[::7] = -0.0, np.nan
+    geometry = (kernel, stride, padding, (oh, ow))
+    expected = cpu_kernels.col2im_add(cols, np.zeros((2, *hw, 3), dtype), *geometry)  # adds: the general kernel
+    fresh = cpu_kernels.col2im_add(cols, np.full((2, *hw, 3), np.nan, dtype), *geometry, fresh=True)
+    np.testing.assert_array_equal(fresh.view(np.uint8), expected.view(np.uint8))
+    gate = rng.normal(size=expected.shape).astype(dtype)
+    gated = cpu_kernels.col2im_add(cols, np.full_like(gate, np.nan), *geometry, fresh=True, gate=gate)
+    np.testing.assert_array_equal(gated.view(np.uint8), np.where(gate <= 0, 0, expected).astype(dtype).view(np.uint8))
+    assert np.isnan(gated).any() and (gated == 0).any()
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_results_do_not_depend_on_the_column_block_size(monkeypatch, rng, dtype):
     # Blocks of a few pixels (many blocks, the weight gradient summed over them) against one

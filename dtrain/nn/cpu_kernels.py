@@ -172,6 +172,42 @@ def _col2im_add(cols, kh, kw, sh, sw, ph, pw, out_w, first, fresh, gate, gated, 
 
 
 @njit(nogil=True, cache=True)
+def _col2im_disjoint(cols, kh, kw, sh, sw, ph, pw, out_w, covered, gate, gated, img, c0, c1):  # pragma: no cover
+    # Windows that do not overlap (kernel <= stride) and every output pixel's columns: each
+    # input gets at most one value, written (as 0 + value, the bits of adding it to a zeroed
+    # gradient) and gated in the same pass; only inputs no window covers need zeroing first.
+    _, height, width, batch = img.shape
+    target = img.reshape(-1, batch)
+    guard = gate.reshape(-1, batch)
+    plane = height * width * batch
+    pixels = cols.shape[1] // batch
+    source = cols.reshape(cols.shape[0], pixels, batch)
+    zero = img.dtype.type(0)
+    for c in range(c0, c1):
+        if not covered:
+            _zero(_channel_plane(img.reshape(-1), c, plane))
+        for ki in range(kh):
+            for kj in range(kw):
+                r = (c * kh + ki) * kw + kj
+                p = 0
+                while p < pixels:
+                    oh, ow0, ow1, lo, hi = _row_runs(p, pixels, out_w, sw, kj, pw, width)
+                    h = oh * sh + ki - ph
+                    if 0 <= h < height:
+                        for ow in range(lo, hi):
+                            dst = (c * height + h) * width + ow * sw + kj - pw
+                            src = p + ow - ow0
+                            if gated:
+                                for n in range(batch):
+                                    v = zero + source[r, src, n]
+                                    target[dst, n] = 0 if guard[dst, n] <= 0 else v
+                            else:
+                                for n in range(batch):
+                                    target[dst, n] = zero + source[r, src, n]
+                    p += ow1 - ow0
+
+
+@njit(nogil=True, cache=True)
 def _max_pool_forward(x, kh, kw, sh, sw, ph, pw, gated, y, arg, c0, c1):  # pragma: no cover (compiled)
     _, height, width, batch = x.shape
     _, out_h, out_w, _ = y.shape
@@ -756,8 +792,16 @@ def col2im_add(cols: Array, img: Array, kernel: Pair, stride: Pair, padding: Pai
     source = _computable(cols)
     target = img if img.dtype == source.dtype else img.astype(source.dtype)
     gating = target if gate is None else _computable(gate).astype(source.dtype, copy=False)
-    args = (source, *kernel, *stride, *padding, out_hw[1], first, fresh, gating, gate is not None, target)
-    _per_channel_blocks(_col2im_add, args, target, cols[0].nbytes * kernel[0] * kernel[1])
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    if fresh and kh <= sh and kw <= sw and first == 0 and cols.shape[1] == out_hw[0] * out_hw[1] * img.shape[3]:
+        # All the columns of windows that do not overlap: one writing pass.
+        covered = (kh, kw) == (sh, sw) and out_hw[0] * sh - ph >= img.shape[1] and out_hw[1] * sw - pw >= img.shape[2]
+        kernel_fn, args = _col2im_disjoint, (source, kh, kw, sh, sw, ph, pw, out_hw[1], covered, gating,
+                                             gate is not None, target)
+    else:
+        kernel_fn, args = _col2im_add, (source, kh, kw, sh, sw, ph, pw, out_hw[1], first, fresh, gating,
+                                        gate is not None, target)
+    _per_channel_blocks(kernel_fn, args, target, cols[0].nbytes * kh * kw)
     if target is not img:
         img[...] = target
     return img
