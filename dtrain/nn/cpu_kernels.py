@@ -90,6 +90,12 @@ def _relu(target):  # pragma: no cover (compiled)
         target[i] = 0 if v <= 0 else v  # noqa: FURB136 (max(0, v) would turn NaN into 0)
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _at_least(v, low):  # pragma: no cover (compiled)
+    # NumPy's maximum(v, low): NaN stays NaN (max(low, v) would not).
+    return low if v <= low else v  # noqa: FURB136
+
+
 @njit(nogil=True, cache=True)
 def _relu_backward(grad, y):  # pragma: no cover (compiled)
     for i in range(grad.shape[0]):
@@ -341,7 +347,7 @@ def _window_taps(weight, f, oh, ow, sh, sw, ph, pw, height, width, taps, rows): 
 
 @njit(nogil=True, cache=True)
 def _conv_direct_forward(x, weight, bias, sh, sw, ph, pw, relu, y, f0, f1):  # pragma: no cover (compiled)
-    channels, height, width, batch = x.shape
+    _, height, width, batch = x.shape
     _, out_h, out_w, _ = y.shape
     # (pixel, sample) views indexed in place: a 1-D view sliced per tap costs more than the
     # tap's arithmetic (each view takes a reference count).
@@ -361,7 +367,7 @@ def _conv_direct_forward(x, weight, bias, sh, sw, ph, pw, relu, y, f0, f1):  # p
                 out = (f * out_h + oh) * out_w + ow
                 if count == 0:
                     for n in range(batch):
-                        target[out, n] = floor if shift <= floor else shift
+                        target[out, n] = _at_least(shift, floor)
                 # Up to four taps per pass over the samples, added one after another to the
                 # bias or the running sum: the order of a sum over all taps, one write per pass.
                 t = 0
@@ -375,23 +381,23 @@ def _conv_direct_forward(x, weight, bias, sh, sw, ph, pw, relu, y, f0, f1):  # p
                             for n in range(batch):
                                 v = (((shift + w0 * source[r0, n]) + w1 * source[r1, n]) + w2 * source[r2, n]) \
                                     + w3 * source[r3, n]
-                                target[out, n] = low if v <= low else v
+                                target[out, n] = _at_least(v, low)
                         else:
                             for n in range(batch):
                                 v = (((target[out, n] + w0 * source[r0, n]) + w1 * source[r1, n])
                                      + w2 * source[r2, n]) + w3 * source[r3, n]
-                                target[out, n] = low if v <= low else v
+                                target[out, n] = _at_least(v, low)
                         t += 4
                     else:  # the last taps (fewer than four), one per pass
                         w0, r0 = taps[t], rows[t]
                         if t == 0:
                             for n in range(batch):
                                 v = shift + w0 * source[r0, n]
-                                target[out, n] = low if v <= low else v
+                                target[out, n] = _at_least(v, low)
                         else:
                             for n in range(batch):
                                 v = target[out, n] + w0 * source[r0, n]
-                                target[out, n] = low if v <= low else v
+                                target[out, n] = _at_least(v, low)
                         t += 1
 
 
