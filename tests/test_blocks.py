@@ -1,4 +1,5 @@
-"""Cache-sized blocks over threads (dtrain.nn.blocks) and the batch-last layout (dtrain.nn.layout)."""
+"""Cache-sized blocks over threads (dtrain.nn.blocks), the batch-last layout (dtrain.nn.layout) and the
+shared scratch and ones vectors (dtrain.nn.workspace)."""
 from __future__ import annotations
 
 import threading
@@ -9,10 +10,10 @@ import torch
 from layer_checks import assert_matches_torch
 from threadpoolctl import threadpool_limits
 
-from dtrain.nn import AvgPool2d, Conv2d, MaxPool2d, ReLU, blocks
+from dtrain.nn import AvgPool2d, Conv2d, Linear, MaxPool2d, ReLU, blocks, cpu_kernels
 from dtrain.nn.blocks import elementwise, for_blocks, split_evenly
 from dtrain.nn.layout import as_nchw, batch_last
-from dtrain.nn.workspace import Workspace
+from dtrain.nn.workspace import Workspace, shared_ones, shared_scratch
 
 
 @pytest.fixture(autouse=True)
@@ -212,3 +213,24 @@ def test_relu_backward_masks_a_batch_last_gradient_in_place_in_pieces(rng, monke
         np.testing.assert_array_equal(relu.forward(x), np.maximum(x, 0))
         assert relu.backward(grad) is grad
     np.testing.assert_array_equal(grad, expected)
+
+
+def test_bias_gradients_sum_with_shared_ones_that_grow_and_stay_ones(rng):
+    """Conv2d and Linear sum their bias gradients as products with this thread's shared ones
+    vector; batches that grow it, shrink below it and grow it again (and an unrelated
+    scratch buffer written in between) must all give the plain sums."""
+    conv = Conv2d(8, 12, 2, stride=2, rng=rng, dtype=np.float64)
+    assert not cpu_kernels.direct_conv_pays(12, 8 * 2 * 2)  # im2col + GEMM: its bias sum is the GEMV
+    linear = Linear(4, 3, rng=rng, dtype=np.float64)
+    for n in (2, 9, 3, 17):
+        g = rng.normal(size=(n, 12, 2, 2))
+        conv.forward(rng.normal(size=(n, 8, 4, 4)))
+        conv.backward(g)
+        np.testing.assert_allclose(conv.grads["bias"], g.sum(axis=(0, 2, 3)), rtol=1e-12)
+        shared_scratch("columns", 64 * n, np.float64, np)[:] = 7.0
+        g = rng.normal(size=(n, 3))
+        linear.forward(rng.normal(size=(n, 4)))
+        linear.backward(g)
+        np.testing.assert_allclose(linear.grads["bias"], g.sum(axis=0), rtol=1e-12)
+    ones = shared_ones(5, np.float32, np)
+    assert ones.dtype == np.float32 and ones.tolist() == [1.0] * 5

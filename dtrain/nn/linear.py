@@ -11,6 +11,7 @@ from dtrain.nn.checks import check_dim, check_dtype, check_rank
 from dtrain.nn.gemm import matmul
 from dtrain.nn.init import bias_uniform, initialize
 from dtrain.nn.module import Array, Module, Shape
+from dtrain.nn.workspace import shared_ones
 
 
 class Linear(Module):
@@ -81,9 +82,9 @@ class Linear(Module):
         if self._x is None:
             raise RuntimeError(f"{self!r}: backward called before forward")
         matmul(grad_out.T, self._x, out=self.grads["weight"])
-        if "bias" in self.grads:
+        if "bias" in self.grads:  # column sums as ones @ grad_out: a GEMV (see Conv2d's bias gradient)
             xp = get_array_module(grad_out)
-            xp.sum(grad_out, axis=0, out=self.grads["bias"])
+            xp.matmul(shared_ones(grad_out.shape[0], grad_out.dtype, xp), grad_out, out=self.grads["bias"])
         if not input_grad:
             return None
         if _batch_last(self._x):

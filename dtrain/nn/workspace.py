@@ -14,6 +14,8 @@ per layer: :func:`shared_scratch` hands every layer on a thread the same buffer.
 run one at a time on a thread (the compute workers of deterministic mode each run their
 own replica on their own thread), so one buffer per thread, name, dtype and device is
 enough, and the memory is that of the largest request instead of the sum over layers.
+:func:`shared_ones` is the same idea for a read-only vector of ones (sums along an axis
+taken as BLAS products).
 """
 from __future__ import annotations
 
@@ -39,6 +41,19 @@ def shared_scratch(name: str, size: int, dtype: Any, xp: ModuleType) -> Array:
     if buf is None or buf.size < size:
         buffers.pop(key, None)  # free the smaller one before allocating
         buf = buffers[key] = xp.empty(size, dtype=dtype)
+    return buf[:size]
+
+
+def shared_ones(size: int, dtype: Any, xp: ModuleType) -> Array:
+    """A 1-D array of ``size`` ones (for ``dtype`` on the current device), shared by every
+    caller on this thread: read it, never write it. Sums along an axis are products with
+    it (BLAS GEMV)."""
+    buffers = _per_thread.__dict__.setdefault("ones", {})
+    key = (np.dtype(dtype).str, xp.__name__, current_device(xp))
+    buf = buffers.get(key)
+    if buf is None or buf.size < size:
+        buffers.pop(key, None)
+        buf = buffers[key] = xp.ones(size, dtype=dtype)
     return buf[:size]
 
 
