@@ -5,7 +5,12 @@
 
 Both frameworks train the identical network (same weights, batch, dtype and thread
 count) with SGD + momentum on random data; their timed steps are interleaved in one
-process so machine noise hits both alike. Prints images/s for each and the
+process so machine noise hits both alike. Each round of one framework starts with one
+untimed step: it would time the other framework's idle threads, which still spin on the
+cores for a while (PyTorch's OpenMP workers for milliseconds: dtrain's first step after a
+PyTorch round took 11.9 ms against 8.0 for the rest, PyTorch's first after dtrain 9.5
+against 8.0, simple_cnn, batch 128, two threads), and a training run is a long series of
+steps of one framework. Prints images/s for each and the
 dtrain/PyTorch ratio (higher is better for dtrain). On a GPU both run full float32
 arithmetic unless ``--tf32`` lets both use TF32 tensor cores (PyTorch allows TF32 in
 cuDNN convolutions by default; here it is switched off for a like-for-like comparison).
@@ -185,6 +190,8 @@ def bench_model(name: str, args: argparse.Namespace, torch) -> tuple[float, floa
     steps = timed_steps(model, spec, args)
 
     def timed(step: Step, sync: Step) -> float:
+        step()  # untimed: the other framework's threads may still spin (see the module docstring)
+        sync()
         start = time.perf_counter()
         for _ in range(steps):
             step()

@@ -43,14 +43,17 @@ def im2col_unless_asked(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "WINOGRAD_MIN_CHANNELS", 1 << 40)
 
 
-@pytest.fixture(params=["im2col", "direct", "winograd"])
+@pytest.fixture(params=["im2col", "direct", "direct-gemm-grad", "winograd"])
 def algorithm(request, monkeypatch) -> str:
     """Run the test under each algorithm (on the GPU there is only im2col); "winograd" runs
-    every layer that F(m x m, r x r) can run (square kernel, stride 1) that way."""
+    every layer that F(m x m, r x r) can run (square kernel, stride 1) that way; "direct"
+    runs forward and the weight gradient direct, "direct-gemm-grad" only forward."""
     xp = request.getfixturevalue("xp") if "xp" in request.fixturenames else np
     if request.param != "im2col" and xp is not np:
         pytest.skip(f"the {request.param} kernels are CPU only")
-    monkeypatch.setattr(cpu_kernels, "DIRECT_CONV_MAX_MACS", 1 << 40 if request.param == "direct" else 0)
+    direct = request.param.startswith("direct")
+    monkeypatch.setattr(cpu_kernels, "DIRECT_CONV_MAX_MACS", 1 << 40 if direct else 0)
+    monkeypatch.setattr(cpu_kernels, "GEMM_WEIGHT_GRAD_FILTERS_PER_ROW", 1 << 40 if request.param == "direct" else 0)
     monkeypatch.setattr(cpu_kernels, "WINOGRAD_MIN_CHANNELS", 1 if request.param == "winograd" else 1 << 40)
     return request.param
 
@@ -331,6 +334,39 @@ def test_direct_layers_make_no_gemm_but_for_the_input_gradient(rng, monkeypatch)
     np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-12)
 
 
+def test_a_direct_layer_with_many_filters_per_tap_takes_the_gemm_for_its_weight_gradient(rng, monkeypatch):
+    """simple_cnn's first layer (32 filters of 2x2 taps on one channel, stride 2) at the real
+    thresholds: forward direct without a GEMM, the weight gradient as one GEMM over im2col's
+    columns (never the direct kernel), the bias gradient as a GEMV; both match PyTorch."""
+    monkeypatch.setattr(cpu_kernels, "DIRECT_CONV_MAX_MACS", 320)
+
+    def refused(*args):
+        raise AssertionError("the direct weight-gradient kernel ran")
+
+    monkeypatch.setattr(cpu_kernels, "conv_direct_weight_grad", refused)
+    calls = []
+
+    def recording(a, b, out):
+        calls.append((a.shape, b.shape))
+        return np.matmul(a, b, out=out)
+
+    layer = Conv2d(1, 32, 2, stride=2, rng=rng, dtype=np.float64)
+    x, g = rng.normal(size=(3, 1, 8, 8)), rng.normal(size=(3, 32, 4, 4))
+    gemm.set_partitioner(recording)
+    try:
+        layer.forward(x)
+        assert calls == []
+        assert layer.backward(g, input_grad=False) is None
+    finally:
+        gemm.set_partitioner(None)
+    assert calls == [((32, 3 * 16), (3 * 16, 4))]  # dY @ cols.T
+    w = torch.tensor(layer.params["weight"], requires_grad=True)
+    b = torch.tensor(layer.params["bias"], requires_grad=True)
+    torch.nn.functional.conv2d(torch.tensor(x), w, b, stride=2).backward(torch.tensor(g))
+    np.testing.assert_allclose(layer.grads["weight"], w.grad.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(layer.grads["bias"], b.grad.numpy(), rtol=1e-12)
+
+
 def sequential_direct_forward(x, weight, bias, stride, padding, relu):
     """The direct kernel's arithmetic written out in NumPy: per output, the bias, then each
     tap inside the image added in im2col row order (c, ki, kj), then ReLU."""
@@ -382,10 +418,17 @@ def test_direct_kernels_run_where_the_gemm_is_memory_bound(monkeypatch):
     def direct(c, f, k):
         return Conv2d(c, f, k)._direct(np.empty((c, 8, 8, 2), np.float32))
 
+    def direct_weight_grad(c, f, k):
+        return Conv2d(c, f, k)._direct(np.empty((c, 8, 8, 2), np.float32), weight_grad=True)
+
     monkeypatch.undo()  # this module's fixture forces im2col; here the real threshold counts
     assert direct(1, 6, 5) and direct(1, 32, 2)
     assert not direct(1, 96, 5) and not direct(6, 16, 5) and not direct(32, 64, 2)
+    # LeNet's first layer computes its weight gradient direct too, simple_cnn's (32 filters
+    # of 4 taps) by im2col + GEMM; a layer that is not direct never is.
+    assert direct_weight_grad(1, 6, 5) and not direct_weight_grad(1, 32, 2) and not direct_weight_grad(6, 16, 5)
     assert not cuda_kernels.direct_conv_pays(6, 25)  # on the GPU every convolution is im2col + cuBLAS
+    assert not cuda_kernels.direct_weight_grad_pays(6, 25)
 
 
 def test_init_is_seeded_and_kaiming_scaled():

@@ -115,6 +115,26 @@ def _bias_relu(y, bias, biased, relu, f0, f1):  # pragma: no cover (compiled)
 
 
 @njit(nogil=True, cache=True)
+def _bias_relu_rows(y, bias, biased, relu, pixels, dest, target, f0, f1):  # pragma: no cover (compiled)
+    # _bias_relu's arithmetic on y (F*P, N), filter f's rows at f*P .., each written to row
+    # dest[.] of target (R, N) instead of in place (< 0: nowhere).
+    batch = y.shape[1]
+    floor = y.dtype.type(0) if relu else y.dtype.type(-np.inf)  # -inf: no clamp
+    for f in range(f0, f1):
+        for r in range(f * pixels, (f + 1) * pixels):
+            out = dest[r]
+            if out < 0:
+                continue
+            if biased:
+                shift = bias[f]
+                for n in range(batch):
+                    target[out, n] = _at_least(y[r, n] + shift, floor)
+            else:
+                for n in range(batch):
+                    target[out, n] = _at_least(y[r, n], floor)
+
+
+@njit(nogil=True, cache=True)
 def _im2col(x, kh, kw, sh, sw, ph, pw, out_w, first, cols, c0, c1):  # pragma: no cover (compiled)
     _, height, width, batch = x.shape
     flat = x.reshape(-1)
@@ -178,10 +198,12 @@ def _col2im_add(cols, kh, kw, sh, sw, ph, pw, out_w, first, fresh, gate, gated, 
 
 
 @njit(nogil=True, cache=True)
-def _col2im_disjoint(cols, kh, kw, sh, sw, ph, pw, out_w, covered, gate, gated, img, c0, c1):  # pragma: no cover
+def _col2im_disjoint(cols, kh, kw, sh, sw, ph, pw, out_w, covered, gate, gated, gate_columns, img, c0,
+                     c1):  # pragma: no cover (compiled)
     # Windows that do not overlap (kernel <= stride) and every output pixel's columns: each
     # input gets at most one value, written (as 0 + value, the bits of adding it to a zeroed
     # gradient) and gated in the same pass; only inputs no window covers need zeroing first.
+    # The gate is laid out like img, or with gate_columns like cols (the columns of the gate).
     _, height, width, batch = img.shape
     target = img.reshape(-1, batch)
     guard = gate.reshape(-1, batch)
@@ -204,9 +226,10 @@ def _col2im_disjoint(cols, kh, kw, sh, sw, ph, pw, out_w, covered, gate, gated, 
                             dst = (c * height + h) * width + ow * sw + kj - pw
                             src = p + ow - ow0
                             if gated:
+                                at = r * pixels + src if gate_columns else dst
                                 for n in range(batch):
                                     v = zero + source[r, src, n]
-                                    target[dst, n] = 0 if guard[dst, n] <= 0 else v
+                                    target[dst, n] = 0 if guard[at, n] <= 0 else v
                             else:
                                 for n in range(batch):
                                     target[dst, n] = zero + source[r, src, n]
@@ -346,25 +369,26 @@ def _window_taps(weight, f, oh, ow, sh, sw, ph, pw, height, width, taps, rows): 
 
 
 @njit(nogil=True, cache=True)
-def _conv_direct_forward(x, weight, bias, sh, sw, ph, pw, relu, y, f0, f1):  # pragma: no cover (compiled)
+def _conv_direct_forward(x, weight, bias, sh, sw, ph, pw, out_h, out_w, relu, dest, target, f0, f1):  # pragma: no cover
+    # Output row (f, oh, ow) goes to row dest[(f*OH + oh)*OW + ow] of target (R, N); < 0: not computed.
     _, height, width, batch = x.shape
-    _, out_h, out_w, _ = y.shape
     # (pixel, sample) views indexed in place: a 1-D view sliced per tap costs more than the
     # tap's arithmetic (each view takes a reference count).
     source = x.reshape(-1, batch)
-    target = y.reshape(-1, batch)
-    taps = np.empty(weight[0].size, dtype=y.dtype)
+    taps = np.empty(weight[0].size, dtype=target.dtype)
     rows = np.empty(weight[0].size, dtype=np.int64)
     # Each pass clamps what it writes from below: at -inf (no change) but for the last pass
     # with ReLU, at 0 (NumPy's maximum: NaN stays NaN).
-    floor = y.dtype.type(0) if relu else y.dtype.type(-np.inf)
-    unclamped = y.dtype.type(-np.inf)
+    floor = target.dtype.type(0) if relu else target.dtype.type(-np.inf)
+    unclamped = target.dtype.type(-np.inf)
     for f in range(f0, f1):
         shift = bias[f]
         for oh in range(out_h):
             for ow in range(out_w):
+                out = dest[(f * out_h + oh) * out_w + ow]
+                if out < 0:
+                    continue
                 count = _window_taps(weight, f, oh, ow, sh, sw, ph, pw, height, width, taps, rows)
-                out = (f * out_h + oh) * out_w + ow
                 if count == 0:
                     for n in range(batch):
                         target[out, n] = _at_least(shift, floor)
@@ -634,6 +658,20 @@ def _per_channel_blocks(kernel, args: tuple, out: Array, bytes_per_channel: int)
                block_bytes=KERNEL_BLOCK_BYTES, merge=True)
 
 
+# The dtypes in which a layer writes its output straight into the next convolution's columns.
+TILED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def tiled_columns_pay(kernel: Pair, stride: Pair, dtype: np.dtype) -> bool:
+    """Whether a convolution whose input is a ReLU's output takes that input as its im2col
+    columns, written there by the layer before it (:func:`conv_direct_forward` or
+    :func:`bias_relu_rows` with the map of :func:`dtrain.nn.im2col.tiled_rows`): when its
+    windows tile the input (stride = kernel), the columns are the input's values in another
+    order, and writing them there in the pass that writes the output anyway spares im2col's
+    pass over them. Its input gradient then takes :func:`col2im_tiled`, gated by the columns."""
+    return tuple(kernel) == tuple(stride) and np.dtype(dtype) in TILED_DTYPES
+
+
 # Convolutions whose output values take at most this many multiply-adds each (out_channels
 # x in_channels*kh*kw) run as direct convolutions (see direct_conv_pays).
 DIRECT_CONV_MAX_MACS = 320
@@ -641,24 +679,55 @@ DIRECT_CONV_MAX_MACS = 320
 
 def direct_conv_pays(out_channels: int, rows: int) -> bool:
     """Whether a convolution with ``out_channels`` filters of ``rows`` = C*kh*kw taps runs
-    direct (:func:`conv_direct_forward`, :func:`conv_direct_weight_grad`) rather than as
-    im2col + GEMM: a GEMM that small per column is memory-bound, it streams a column matrix
+    direct (:func:`conv_direct_forward`; its weight gradient: :func:`direct_weight_grad_pays`)
+    rather than as im2col + GEMM: a GEMM that small per column is memory-bound, it streams a column matrix
     kh*kw times the input's size (see the README's Performance section for the measurement)."""
     return out_channels * rows <= DIRECT_CONV_MAX_MACS
 
 
+# A direct convolution with at least this many filters per column row (out_channels >= this
+# x C*kh*kw) computes its weight gradient as im2col + GEMM (see direct_weight_grad_pays).
+GEMM_WEIGHT_GRAD_FILTERS_PER_ROW = 4
+
+
+def direct_weight_grad_pays(out_channels: int, rows: int) -> bool:
+    """Whether a direct convolution (:func:`direct_conv_pays`) also computes its weight
+    gradient directly (:func:`conv_direct_weight_grad`) rather than as im2col + GEMM with
+    the bias gradient as a GEMV. The direct kernel passes over the output gradient once per
+    tap; the GEMM streams it once, with columns (``rows`` per pixel and sample) that are
+    small against it when the filters outnumber the rows enough (simple_cnn's first layer:
+    32 filters, 4 rows; LeNet's, 6 filters of 25 rows, stays direct; see the README's
+    Performance section for the measurement)."""
+    return out_channels < GEMM_WEIGHT_GRAD_FILTERS_PER_ROW * rows
+
+
 def conv_direct_forward(x: Array, weight: Array, bias: Array | None, stride: Pair, padding: Pair, y: Array,
-                        relu: bool = False) -> Array:
+                        relu: bool = False, rows: Array | None = None) -> Array:
     """Fill ``y`` (F, OH, OW, N) with the cross-correlation of the batch-last input ``x``
     (C, H, W, N) with ``weight`` (F, C, kh, kw), plus ``bias`` (F,) when given; C-contiguous
     arrays. Each output sums its taps in im2col row order, starting from the bias; with
-    ``relu``, then takes ``maximum(., 0)`` (NaN stays NaN)."""
+    ``relu``, then takes ``maximum(., 0)`` (NaN stays NaN).
+
+    With ``rows`` (F*OH*OW,) int64, ``y`` is instead any C-contiguous array of rows of N
+    values: output row (f, oh, ow) goes to its row ``rows[(f*OH + oh)*OW + ow]``, or nowhere
+    where that is -1 (:func:`dtrain.nn.im2col.tiled_rows` maps a layer's output into the
+    columns of a convolution whose windows tile it). float32 and float64 only then."""
     source = _computable(x)
+    f, (kh, kw) = weight.shape[0], weight.shape[2:]
+    out_h = (x.shape[1] + 2 * padding[0] - kh) // stride[0] + 1
+    out_w = (x.shape[2] + 2 * padding[1] - kw) // stride[1] + 1
     taps = weight.astype(source.dtype, copy=False)
-    shift = bias.astype(source.dtype, copy=False) if bias is not None else np.zeros(weight.shape[0], source.dtype)
-    target = y if y.dtype == source.dtype else np.empty(y.shape, source.dtype)
-    args = (source, taps, shift, *stride, *padding, relu, target)
-    _per_channel_blocks(_conv_direct_forward, args, target, target[0].nbytes * taps[0].size)
+    shift = bias.astype(source.dtype, copy=False) if bias is not None else np.zeros(f, source.dtype)
+    if rows is None:
+        rows = np.arange(f * out_h * out_w)
+        target = y if y.dtype == source.dtype else np.empty(y.shape, source.dtype)
+    elif y.dtype != source.dtype or not y.flags.c_contiguous:
+        raise ValueError(f"conv_direct_forward: a row-mapped target must be C-contiguous {source.dtype}, got "
+                         f"{y.dtype} with strides {y.strides}")
+    else:
+        target = y
+    args = (source, taps, shift, *stride, *padding, out_h, out_w, relu, rows, target.reshape(-1, x.shape[3]))
+    _per_channel_blocks(_conv_direct_forward, args, taps, out_h * out_w * x.shape[3] * source.itemsize * taps[0].size)
     if target is not y:
         y[...] = target
     return y
@@ -774,6 +843,23 @@ def bias_relu(y: Array, bias: Array | None, relu: bool) -> Array:
     return y
 
 
+def bias_relu_rows(y: Array, bias: Array | None, relu: bool, rows: Array, target: Array) -> Array:
+    """:func:`bias_relu` of ``y`` (F, P*N), C-contiguous, written elsewhere: row (f, p) of
+    its (F*P, N) view goes to row ``rows[f*P + p]`` of ``target`` (a C-contiguous array of
+    rows of N values, ``y``'s dtype), or nowhere where that is -1 (see
+    :func:`conv_direct_forward`). float32 and float64; returns ``target``."""
+    f = y.shape[0]
+    pixels = rows.shape[0] // f
+    batch = y.shape[1] // pixels
+    if y.dtype not in TILED_DTYPES or target.dtype != y.dtype or not (y.flags.c_contiguous and target.flags.c_contiguous):
+        raise ValueError(f"bias_relu_rows: needs C-contiguous float32 or float64 arrays of one dtype, got {y.dtype} "
+                         f"and {target.dtype}")
+    shift = np.empty(0, y.dtype) if bias is None else bias.astype(y.dtype, copy=False)
+    args = (y.reshape(f * pixels, batch), shift, bias is not None, relu, pixels, rows, target.reshape(-1, batch))
+    _per_channel_blocks(_bias_relu_rows, args, y, y[0].nbytes)
+    return target
+
+
 def im2col(x: Array, kernel: Pair, stride: Pair, padding: Pair, out_hw: Pair, cols: Array, first: int = 0) -> Array:
     """Fill ``cols`` (C*kh*kw, P*N) with the columns of output pixels ``first .. first+P-1``
     (row-major over (OH, OW)) of the C-contiguous batch-last input ``x`` (C, H, W, N)."""
@@ -803,11 +889,32 @@ def col2im_add(cols: Array, img: Array, kernel: Pair, stride: Pair, padding: Pai
         # All the columns of windows that do not overlap: one writing pass.
         covered = (kh, kw) == (sh, sw) and out_hw[0] * sh - ph >= img.shape[1] and out_hw[1] * sw - pw >= img.shape[2]
         kernel_fn, args = _col2im_disjoint, (source, kh, kw, sh, sw, ph, pw, out_hw[1], covered, gating,
-                                             gate is not None, target)
+                                             gate is not None, False, target)
     else:
         kernel_fn, args = _col2im_add, (source, kh, kw, sh, sw, ph, pw, out_hw[1], first, fresh, gating,
                                         gate is not None, target)
     _per_channel_blocks(kernel_fn, args, target, cols[0].nbytes * kh * kw)
+    if target is not img:
+        img[...] = target
+    return img
+
+
+def col2im_tiled(cols: Array, img: Array, kernel: Pair, padding: Pair, out_hw: Pair, gate: Array | None = None
+                 ) -> Array:
+    """:func:`col2im_add` with ``fresh`` of all the columns (C*kh*kw, OH*OW*N) of a convolution
+    whose windows tile its input (stride = kernel) into ``img`` (C, H, W, N), gated, when
+    ``gate`` is given, by ``gate`` laid out like ``cols``: the columns of the ReLU output that
+    was the convolution's input, as the layer before wrote them (see :func:`tiled_columns_pay`)."""
+    (kh, kw), (ph, pw) = kernel, padding
+    if cols.shape[1] != out_hw[0] * out_hw[1] * img.shape[3] or (gate is not None and gate.shape != cols.shape):
+        raise ValueError(f"col2im_tiled: columns {cols.shape} and gate {None if gate is None else gate.shape} do not "
+                         f"hold all {out_hw} pixels of a batch of {img.shape[3]}")
+    source = _computable(cols)
+    target = img if img.dtype == source.dtype else img.astype(source.dtype)
+    gating = target if gate is None else _computable(gate).astype(source.dtype, copy=False)
+    covered = out_hw[0] * kh - ph >= img.shape[1] and out_hw[1] * kw - pw >= img.shape[2]
+    args = (source, kh, kw, kh, kw, ph, pw, out_hw[1], covered, gating, gate is not None, True, target)
+    _per_channel_blocks(_col2im_disjoint, args, target, cols[0].nbytes * kh * kw)
     if target is not img:
         img[...] = target
     return img

@@ -36,6 +36,19 @@ def direct_conv_pays(out_channels: int, rows: int) -> bool:
     the cache; the device's memory bandwidth runs those at full speed."""
     return False
 
+
+def tiled_columns_pay(kernel: Pair, stride: Pair, dtype: Any) -> bool:
+    """Never on the GPU: a convolution's input is its own array there, and im2col a kernel
+    launch (the CPU's layer-to-columns writes, :func:`dtrain.nn.cpu_kernels.tiled_columns_pay`,
+    have no CUDA kernels)."""
+    return False
+
+
+def direct_weight_grad_pays(out_channels: int, rows: int) -> bool:
+    """Never on the GPU (no convolution runs direct there; see :func:`direct_conv_pays`)."""
+    return False
+
+
 def winograd_tile(out_channels: int, in_channels: int, kernel: Pair, stride: Pair, out_hw: Pair,
                   dtype: Any) -> int:
     """0: on the GPU every convolution runs as im2col + cuBLAS (the CPU's Winograd

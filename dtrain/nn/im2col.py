@@ -26,11 +26,22 @@ matrix in a small buffer, filled by im2col just before its GEMM and still in cac
 the GEMM reads it. The block size comes from the kernel set (``COLUMN_BLOCK_BYTES`` in
 :mod:`dtrain.nn.cpu_kernels` and :mod:`dtrain.nn.cuda_kernels`), never from the thread
 count, so the arithmetic is the same however many threads run it.
+
+Windows that tile the input
+---------------------------
+With stride = kernel the windows neither overlap nor leave gaps (but past the last whole
+window): each input value appears at most once in the columns, which are the input in
+another order (padding zeros added). Row r = (c, h, w) of the input's (C*H*W, N) view is
+row ``rows[r]`` of the columns' (C*kh*kw*OH*OW, N) view (``rows`` from :func:`tiled_rows`), so a layer that
+writes its output row by row can write it straight into the next convolution's columns
+(see ``tiled_columns_pay`` in :mod:`dtrain.nn.cpu_kernels`).
 """
 from __future__ import annotations
 
 from collections.abc import Iterator
 from typing import Any
+
+import numpy as np
 
 from dtrain.nn.module import Shape
 
@@ -62,3 +73,18 @@ def pixel_blocks(pixels: int, bytes_per_pixel: int, block_bytes: int) -> Iterato
     for b in range(blocks):
         first, stop = pixels * b // blocks, pixels * (b + 1) // blocks
         yield first, stop - first
+
+
+def tiled_rows(input_chw: Shape, kernel: Pair, padding: Pair, out_hw: Pair) -> np.ndarray:
+    """(C*H*W,) int64: for each row (c, h, w) of a (C, H, W, N) input's (C*H*W, N) view, the
+    row of the (C*kh*kw*OH*OW, N) view of its columns that holds it, when the windows tile
+    the input (stride = kernel); -1 for inputs below and right of the last whole window."""
+    c, h, w = input_chw
+    (kh, kw), (ph, pw), (oh, ow) = kernel, padding, out_hw
+    hs, ws = np.arange(h) + ph, np.arange(w) + pw  # positions in the padded input
+    tile_h, tile_w = hs // kh, ws // kw
+    offset = (hs % kh)[:, None] * kw + (ws % kw)[None, :]  # (i, j) as i*kw + j
+    pixel = tile_h[:, None] * ow + tile_w[None, :]
+    rows = (np.arange(c)[:, None, None] * (kh * kw) + offset) * (oh * ow) + pixel
+    inside = (tile_h < oh)[:, None] & (tile_w < ow)[None, :]
+    return np.where(inside, rows, -1).reshape(-1).astype(np.int64)

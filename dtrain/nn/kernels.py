@@ -3,8 +3,8 @@
 Both modules offer the same functions with the same arguments and results (batch-last
 arrays in, new arrays out), so a layer calls ``kernels_for(x).max_pool_forward(...)``
 and has one code path for NumPy and CuPy. Two exceptions: only the CPU set has direct
-convolution kernels and Winograd transforms; ``direct_conv_pays`` and ``winograd_tile`` (in
-both) say when a convolution uses them: never on the GPU.
+convolution kernels and Winograd transforms; ``direct_conv_pays``, ``direct_weight_grad_pays``
+and ``winograd_tile`` (in both) say when a convolution uses them: never on the GPU.
 """
 from __future__ import annotations
 

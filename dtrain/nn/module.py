@@ -45,6 +45,11 @@ class Module:
     # nothing for backward; the layer's ``forward_after_relu`` notes what it needs).
     fuses_relu_before: bool = False
     is_relu: bool = False
+    # True when the layer has ``tiled_columns``: a ReLU's output that is its input may be
+    # written straight into its column matrix by the layer before the ReLU, if that layer
+    # ``writes_tiled_output`` (with ``forward_relu_into``); see Sequential.forward.
+    takes_tiled_input: bool = False
+    writes_tiled_output: bool = False
 
     def __init__(self) -> None:
         self.params: dict[str, Array] = {}
@@ -65,6 +70,15 @@ class Module:
     def forward_relu(self, x: Array) -> Array:
         """``forward`` followed by ReLU, in the pass that writes the output (``fuses_relu_after``)."""
         raise TypeError(f"{type(self).__name__} cannot apply ReLU in its forward (fuses_relu_after is False)")
+
+    def forward_relu_into(self, x: Array, into: Any) -> Any:
+        """``forward_relu`` writing its output into ``into``, the input columns of a layer
+        that ``takes_tiled_input`` (``writes_tiled_output``); None when it cannot."""
+        raise TypeError(f"{type(self).__name__} cannot write its output into columns (writes_tiled_output is False)")
+
+    def tiled_columns(self, input_shape: Shape, n: int, like: Array) -> Any:
+        """Where the layer before may write this layer's input (``takes_tiled_input``), or None."""
+        raise TypeError(f"{type(self).__name__} takes no columns as input (takes_tiled_input is False)")
 
     def forward_after_relu(self, x: Array) -> Array:
         """``forward`` of a ReLU's output, for a layer that ``fuses_relu_before``: it keeps
@@ -251,7 +265,11 @@ class Sequential(Module):
 
         A ReLU right after a layer that ``fuses_relu_after`` (Conv2d, Linear) is applied by
         that layer as it writes its output (``forward_relu``); the ReLU only keeps the result
-        for backward (``adopt``). A ReLU right before a layer that ``fuses_relu_before``
+        for backward (``adopt``). When the layer after that ReLU ``takes_tiled_input`` and
+        offers its columns for it (``tiled_columns``: a convolution whose windows tile its
+        input, on the CPU), a layer that ``writes_tiled_output`` writes the ReLU's output
+        straight into them (``forward_relu_into``) and the convolution gets those columns
+        as its input: the activation is never written in its own layout. A ReLU right before a layer that ``fuses_relu_before``
         (Conv2d, MaxPool2d) keeps nothing (``release``): that layer runs its backward
         (``backward_through_relu``) and is called with ``forward_after_relu``. Otherwise a
         layer whose input is the previous layer's fresh output (``fresh_output``) gets it
@@ -263,7 +281,9 @@ class Sequential(Module):
             layer = self.layers[i]
             following = self.layers[i + 1] if i + 1 < len(self.layers) else None
             if layer.fuses_relu_after and following is not None and following.is_relu:
-                x = following.adopt(layer.forward_relu(x))
+                into = self._tiled_target(i, x)
+                y = layer.forward_relu_into(x, into) if into is not None else None
+                x = following.adopt(layer.forward_relu(x) if y is None else y)
                 relu, owned, i = following, following.fresh_output, i + 2
             else:
                 if i > 0 and self.layers[i - 1].is_relu and layer.fuses_relu_before:
@@ -274,6 +294,16 @@ class Sequential(Module):
             if relu is not None and i < len(self.layers) and self.layers[i].fuses_relu_before:
                 relu.release()  # the next layer runs this ReLU's backward
         return x
+
+    def _tiled_target(self, i: int, x: Any) -> Any:
+        """The columns of layer ``i + 2`` for layer ``i``'s output (through the ReLU between),
+        when layer ``i`` writes tiled output and layer ``i + 2`` takes it; else None."""
+        consumer = self.layers[i + 2] if i + 2 < len(self.layers) else None
+        if consumer is None or not (consumer.takes_tiled_input and self.layers[i].writes_tiled_output):
+            return None
+        # x is the input array (N, ...), or columns that layer i itself got (shape (C, H, W, N)).
+        like, per_sample, n = (x, x.shape[1:], x.shape[0]) if hasattr(x, "ndim") else (x.cols, x.shape[:3], x.shape[3])
+        return consumer.tiled_columns(self.layers[i].output_shape(per_sample), n, like)
 
     def backward(self, grad_out: Array, input_grad: bool = True) -> Array | None:
         """Backward through the layers in reverse; the hooks run after each layer.
