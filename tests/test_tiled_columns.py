@@ -6,7 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dtrain.nn import Conv2d, Flatten, Linear, ReLU, Sequential, cpu_kernels, cuda_kernels
+from dtrain.nn import (
+    Conv2d,
+    Flatten,
+    Linear,
+    ReLU,
+    Sequential,
+    cpu_kernels,
+    cuda_kernels,
+)
 from dtrain.nn.im2col import tiled_rows
 
 
